@@ -1,0 +1,2 @@
+"""armguard daemon."""
+__all__: list[str] = []

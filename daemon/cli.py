@@ -1,0 +1,4 @@
+def main() -> int:
+    from armguard.detectors import __all__ as a
+    print("ok", a)
+    return 0

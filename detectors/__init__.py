@@ -1,0 +1,2 @@
+"""Pure statistics for armguard."""
+__all__: list[str] = []
