@@ -1,2 +1,3 @@
 """armguard daemon."""
+
 __all__: list[str] = []

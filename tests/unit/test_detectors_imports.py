@@ -8,9 +8,27 @@ DETECTORS = Path(__file__).resolve().parents[2] / "detectors"
 ALLOWED_THIRD_PARTY = {"numpy", "river"}
 # Modules of the standard library that reach a clock, the environment, files or the network.
 FORBIDDEN_STDLIB = {
-    "time", "datetime", "os", "socket", "asyncio", "subprocess", "pathlib", "io", "shutil",
-    "urllib", "http", "threading", "multiprocessing", "tempfile", "glob", "signal", "sys",
-    "ssl", "select", "selectors", "logging",
+    "time",
+    "datetime",
+    "os",
+    "socket",
+    "asyncio",
+    "subprocess",
+    "pathlib",
+    "io",
+    "shutil",
+    "urllib",
+    "http",
+    "threading",
+    "multiprocessing",
+    "tempfile",
+    "glob",
+    "signal",
+    "sys",
+    "ssl",
+    "select",
+    "selectors",
+    "logging",
 }
 
 
@@ -34,14 +52,17 @@ def test_detectors_import_only_stdlib_numpy_river():
     for path in sorted(DETECTORS.rglob("*.py")):
         roots = _imported_roots(path)
         bad = {
-            r for r in roots
+            r
+            for r in roots
             if r not in ALLOWED_THIRD_PARTY
             and (r not in sys.stdlib_module_names or r in FORBIDDEN_STDLIB)
             and r not in {"__future__"}
         }
         if bad:
             offenders[path.name] = sorted(bad)
-    assert offenders == {}, f"detectors/ must import only stdlib (no clock/I/O), numpy, river: {offenders}"
+    assert offenders == {}, (
+        f"detectors/ must import only stdlib (no clock/I/O), numpy, river: {offenders}"
+    )
 
 
 def test_the_rule_catches_a_violation(tmp_path):
