@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.set_defaults(handler=_check_config)
 
+    p = sub.add_parser(
+        "run",
+        help="run the daemon (ingest, evaluate, metrics/health HTTP)",
+        description=(
+            "Run armguard: the ingest and evaluate stages (each can be disabled in the settings) "
+            "and the HTTP server for /metrics, /healthz and /readyz. SIGTERM stops it cleanly."
+        ),
+    )
+    p.add_argument("--settings", type=Path, help="YAML settings file (environment overrides it)")
+    p.add_argument("--experiments", type=Path, help="experiments YAML (overrides the settings)")
+    p.set_defaults(handler=_run)
+
     return parser
 
 
@@ -75,6 +87,30 @@ def _check_config(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .app import Daemon
+    from .experiments import load_experiments
+    from .settings import load_settings
+
+    overrides = {"experiments_file": args.experiments} if args.experiments else {}
+    settings = load_settings(args.settings, **overrides)
+    experiments = load_experiments(settings.experiments_file)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def serve() -> None:
+        daemon = Daemon(settings, experiments)
+        daemon.install_signal_handlers()
+        await daemon.run()
+
+    asyncio.run(serve())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
