@@ -1,2 +1,7 @@
 """Pure statistics for armguard."""
-__all__: list[str] = []
+
+from .rank_cusum import RankCUSUM
+
+__all__: list[str] = [
+    "RankCUSUM",
+]
