@@ -1,0 +1,271 @@
+"""Summary and LogHistogram: merge laws, accuracy against numpy, precision, state round trip."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import orjson
+import pytest
+from armguard.detectors.summary import LogHistogram, Summary
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False, allow_infinity=False)
+positive = st.floats(min_value=1e-6, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+def _fold_one_by_one(values, **kw) -> Summary:
+    s = Summary(**kw)
+    for v in values:
+        s.update(v)
+    return s
+
+
+def _assert_same(a: Summary, b: Summary, values) -> None:
+    assert a.count == b.count == len(values)
+    assert a.histogram.to_state() == b.histogram.to_state()  # bucket counts are exact
+    assert a.min == b.min and a.max == b.max
+    scale = max(1.0, float(np.max(np.abs(values)))) if len(values) else 1.0
+    assert a.mean == pytest.approx(b.mean, rel=1e-9, abs=1e-12 * scale)
+    assert a.m2 == pytest.approx(b.m2, rel=1e-7, abs=1e-9 * scale * scale)
+    assert a.sum == pytest.approx(b.sum, rel=1e-9, abs=1e-9 * scale * max(1, len(values)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(finite, min_size=0, max_size=60),
+    cuts=st.lists(st.integers(0, 60), max_size=6),
+    order=st.randoms(use_true_random=False),
+)
+def test_merge_in_any_grouping_and_order_equals_folding(values, cuts, order):
+    bounds = sorted({0, len(values), *[c for c in cuts if c <= len(values)]})
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        part = Summary()
+        part.update_many(np.array(values[lo:hi]))
+        parts.append(part)
+    order.shuffle(parts)
+    # merge as a random binary tree
+    while len(parts) > 1:
+        i = order.randrange(len(parts) - 1)
+        a, b = parts[i], parts[i + 1]
+        parts[i : i + 2] = [a.merge(b) if order.random() < 0.5 else b.merge(a)]
+    merged = parts[0] if parts else Summary()
+    _assert_same(merged, _fold_one_by_one(values), values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(finite, min_size=1, max_size=80), max_bins=st.integers(16, 40))
+def test_collapsing_commutes_with_merging(values, max_bins):
+    # With few bins the collapse kicks in; grouping must not matter for the counts.
+    whole = Summary(max_bins=max_bins)
+    whole.update_many(np.array(values))
+    half = len(values) // 2
+    a, b = Summary(max_bins=max_bins), Summary(max_bins=max_bins)
+    a.update_many(np.array(values[:half]))
+    b.update_many(np.array(values[half:]))
+    assert b.merge(a).histogram.to_state() == whole.histogram.to_state()
+    assert whole.histogram.count == len(values)
+    assert len(whole.histogram.to_state()["p"][1]) <= max_bins
+
+
+def test_merge_leaves_operands_unchanged_and_merge_in_mutates():
+    rng = np.random.default_rng(1)
+    a, b = Summary.from_values(rng.normal(size=100)), Summary.from_values(rng.normal(size=50))
+    sa, sb = a.to_state(), b.to_state()
+    m = a.merge(b)
+    assert a.to_state() == sa and b.to_state() == sb and m.count == 150
+    a.merge_in(b)
+    assert a.to_state() == m.to_state() and b.to_state() == sb
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(positive, min_size=1, max_size=200),
+    q=st.floats(0.0, 1.0),
+    accuracy=st.sampled_from([0.005, 0.01, 0.05]),
+)
+def test_quantile_within_relative_accuracy_of_numpy(values, q, accuracy):
+    # enough bins that nothing collapses (the guarantee holds outside collapsed buckets)
+    s = Summary.from_values(np.array(values), relative_accuracy=accuracy, max_bins=8192)
+    truth = float(np.quantile(np.array(values), q, method="lower"))
+    assert abs(s.quantile(q) - truth) <= accuracy * abs(truth) * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.one_of(positive, positive.map(lambda v: -v), st.just(0.0)), min_size=1),
+    q=st.floats(0.0, 1.0),
+)
+def test_quantile_with_mixed_signs_and_zeros(values, q):
+    h = LogHistogram(relative_accuracy=0.01, max_bins=8192)
+    h.update_many(np.array(values))
+    truth = float(np.quantile(np.array(values), q, method="lower"))
+    est = h.quantile(q)
+    if abs(truth) < np.finfo(float).tiny:
+        assert est == 0.0
+    else:
+        assert abs(est - truth) <= 0.01 * abs(truth) * (1 + 1e-9)
+
+
+def test_quantiles_on_a_large_lognormal_sample():
+    rng = np.random.default_rng(7)
+    x = rng.lognormal(3.0, 1.5, size=200_000)
+    s = Summary()
+    for chunk in np.array_split(x, 97):
+        s.update_many(chunk)
+    for q in (0.001, 0.01, 0.25, 0.5, 0.9, 0.99, 0.999):
+        truth = np.quantile(x, q, method="lower")
+        assert abs(s.quantile(q) - truth) <= 0.01 * truth
+    assert s.quantile(0.0) == x.min() and s.quantile(1.0) == x.max()
+
+
+def test_cdf_brackets_the_true_share_at_bucket_resolution():
+    rng = np.random.default_rng(3)
+    x = rng.lognormal(0.0, 1.0, size=50_000)
+    s = Summary.from_values(x)
+    g = s.histogram.gamma
+    for t in (0.05, 0.3, 1.0, 2.5, 10.0):
+        est = s.cdf(t)
+        assert np.mean(x <= t) - 1e-12 <= est <= np.mean(x <= t * g) + 1e-12
+    assert s.cdf(x.min() - 1.0) == 0.0 and s.cdf(x.max()) == 1.0
+    # negative values and zero
+    y = np.array([-5.0, -1.0, 0.0, 0.0, 2.0, 7.0])
+    h = LogHistogram()
+    h.update_many(y)
+    assert h.cdf(-3.0) == pytest.approx(1 / 6)
+    assert h.cdf(0.0) == pytest.approx(4 / 6)
+    assert h.cdf(-10.0) == 0.0 and h.cdf(100.0) == 1.0
+
+
+def test_moments_match_numpy_at_each_step():
+    rng = np.random.default_rng(11)
+    s = Summary()
+    seen = np.zeros(0)
+    for size in (1, 2, 7, 100, 1000, 3):
+        batch = rng.normal(5.0, 2.0, size=size)
+        s.update_many(batch)
+        seen = np.concatenate([seen, batch])
+        assert s.count == seen.size
+        assert s.mean == pytest.approx(seen.mean(), rel=1e-12)
+        assert s.sum == pytest.approx(seen.sum(), rel=1e-12)
+        expected_var = seen.var(ddof=1) if seen.size > 1 else 0.0
+        assert s.variance == pytest.approx(expected_var, rel=1e-10)
+        assert s.min == seen.min() and s.max == seen.max()
+
+
+def test_large_offset_values_keep_precision():
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0.0, 1.0, size=100_000)
+    x = 1e9 + noise
+    parts = [Summary.from_values(c) for c in np.array_split(x, 333)]
+    s = Summary()
+    for p in parts:
+        s.merge_in(p)
+    # the variance of the noise, not of the rounding: naive sum-of-squares would be garbage here
+    assert s.variance == pytest.approx(np.var(noise, ddof=1), rel=1e-6)
+    assert s.mean - 1e9 == pytest.approx(noise.mean(), abs=1e-6)
+    one = _fold_one_by_one(x[:2000])
+    assert one.variance == pytest.approx(np.var(noise[:2000], ddof=1), rel=1e-6)
+
+
+def test_binary_sum_is_exact():
+    rng = np.random.default_rng(2)
+    x = (rng.random(100_001) < 0.001).astype(float)
+    s = Summary()
+    for chunk in np.array_split(x, 1000):
+        s.update_many(chunk)
+    assert s.sum == float(x.sum()) and s.sum.is_integer()
+    assert s.histogram.bins()[2].tolist() == [int((x == 0).sum()), int((x == 1).sum())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(finite, max_size=50), accuracy=st.sampled_from([0.001, 0.01, 0.02]))
+def test_state_round_trips_exactly_through_orjson(values, accuracy):
+    s = Summary.from_values(np.array(values), relative_accuracy=accuracy)
+    state = s.to_state()
+    back = Summary.from_state(orjson.loads(orjson.dumps(state)))
+    assert back.to_state() == state
+    assert back == s
+    # equal behaviour afterwards
+    extra = np.array([1.5, -2.0, 0.0, 1e6])
+    back.update_many(extra)
+    s.update_many(extra)
+    assert back.to_state() == s.to_state()
+    if values:
+        assert back.quantile(0.5) == s.quantile(0.5)
+
+
+def test_state_is_compact():
+    rng = np.random.default_rng(0)
+    s = Summary.from_values(rng.lognormal(0, 1, size=100_000))
+    assert len(orjson.dumps(s.to_state())) < 3000
+
+
+def test_bins_edges_are_bit_identical_across_histograms():
+    a, b = LogHistogram(), LogHistogram()
+    a.update_many(np.array([0.5, 1.0, 3.0, -2.0, 0.0]))
+    b.update_many(np.array([3.0, 100.0, -2.0]))
+    la, ua, ca = a.bins()
+    _lb, ub, _cb = b.bins()
+    assert np.all(np.diff(ua) > 0) and np.all(la <= ua)
+    assert la[np.flatnonzero(ca)].tolist()[0] < 0
+    common = np.intersect1d(ua, ub)
+    assert set(common.tolist()) == {float(ua[0]), float(ua[-1])}  # -2.0 and 3.0 buckets
+    zero = np.flatnonzero((la == 0.0) & (ua == 0.0))
+    assert ca[zero].tolist() == [1]
+    assert ca.dtype == np.int64 and la.dtype == np.float64
+    empty = LogHistogram().bins()
+    assert [e.size for e in empty] == [0, 0, 0]
+
+
+def test_empty_summary():
+    s = Summary()
+    assert (s.count, s.sum, s.mean, s.variance, s.m2, s.min, s.max) == (
+        0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        None,
+        None,
+    )
+    assert s.quantile(0.5) is None and s.cdf(1.0) == 0.0
+    s.update_many(np.array([]))
+    assert s.count == 0
+    assert Summary.from_state(s.to_state()) == s
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_rejected(bad):
+    s = Summary()
+    with pytest.raises(ValueError, match="finite"):
+        s.update_many(np.array([1.0, bad]))
+    assert s.count == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"relative_accuracy": 0.0}, "relative_accuracy"),
+        ({"relative_accuracy": 1.0}, "relative_accuracy"),
+        ({"max_bins": 4}, "max_bins"),
+    ],
+)
+def test_invalid_parameters_name_the_valid_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Summary(**kwargs)
+
+
+def test_merge_requires_same_accuracy():
+    with pytest.raises(ValueError, match="relative_accuracy"):
+        Summary(relative_accuracy=0.01).merge(Summary(relative_accuracy=0.02))
+
+
+def test_from_moments():
+    s = Summary.from_moments(count=10, mean=2.0, variance=4.0)
+    assert (s.count, s.sum, s.mean, s.variance) == (10, 20.0, 2.0, 4.0)
+    assert s.quantile(0.5) is None
+    assert math.isclose(s.m2, 36.0)
