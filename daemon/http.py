@@ -46,6 +46,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .health import Health
 from .settings import HttpSettings
@@ -156,6 +158,7 @@ class HttpServer:
         self._routes: dict[str, _Route] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._collector: _HealthCollector | None = None
         self.port: int | None = None
 
         self.add_route("/metrics", self._metrics)
@@ -210,12 +213,20 @@ class HttpServer:
         """Bind and start serving; ``.port`` is the bound port afterwards."""
         if self._server is not None:
             raise RuntimeError("the HTTP server is already started")
-        self._server = await asyncio.start_server(
-            self._on_connection,
-            host=self.settings.host,
-            port=self.settings.port,
-            limit=self.max_request_bytes,
-        )
+        # The probes' view as metrics too, so alert rules can see "not ready" (a probe cannot).
+        self._collector = _HealthCollector(self.health)
+        self.registry.register(self._collector)
+        try:
+            self._server = await asyncio.start_server(
+                self._on_connection,
+                host=self.settings.host,
+                port=self.settings.port,
+                limit=self.max_request_bytes,
+            )
+        except BaseException:
+            self.registry.unregister(self._collector)
+            self._collector = None
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("serving /metrics, /healthz, /readyz on %s:%d", self.settings.host, self.port)
 
@@ -230,6 +241,9 @@ class HttpServer:
         if self._connections:
             await asyncio.gather(*self._connections, return_exceptions=True)
         await server.wait_closed()
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
 
     async def __aenter__(self) -> HttpServer:
         await self.start()
@@ -393,3 +407,43 @@ class HttpServer:
 
 def _error(exc: _Reject) -> Response:
     return Response.text(exc.message + "\n", exc.status)
+
+
+class _HealthCollector(Collector):
+    """Exports liveness and readiness at scrape time: ``armguard_ready``, ``armguard_live``,
+    ``armguard_component_ready{component}`` and ``armguard_loop_seconds_since_beat{loop}``."""
+
+    def __init__(self, health: Health):
+        self._health = health
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return self._families({"live": True, "ready": False, "loops": {}, "components": {}})
+
+    def collect(self) -> list[GaugeMetricFamily]:  # type: ignore[override]
+        return self._families(self._health.report())
+
+    @staticmethod
+    def _families(report: dict[str, Any]) -> list[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "armguard_ready", "1 when every component is ready (what /readyz answers)."
+        )
+        ready.add_metric([], 1.0 if report["ready"] else 0.0)
+        live = GaugeMetricFamily(
+            "armguard_live", "1 while no loop is stuck (what /healthz answers)."
+        )
+        live.add_metric([], 1.0 if report["live"] else 0.0)
+        components = GaugeMetricFamily(
+            "armguard_component_ready",
+            "1 when the component can process input (partitions assigned, state restored).",
+            labels=["component"],
+        )
+        for name, ok in report["components"].items():
+            components.add_metric([name], 1.0 if ok else 0.0)
+        beats = GaugeMetricFamily(
+            "armguard_loop_seconds_since_beat",
+            "Seconds since the loop last reported progress.",
+            labels=["loop"],
+        )
+        for name, loop in report["loops"].items():
+            beats.add_metric([name], float(loop["seconds_since_beat"]))
+        return [ready, live, components, beats]

@@ -243,3 +243,27 @@ async def test_stop_closes_open_connections_and_is_idempotent(registry, health):
 async def test_start_twice_is_an_error(server):
     with pytest.raises(RuntimeError, match="already started"):
         await server.start()
+
+
+async def test_health_exported_as_metrics_while_serving(registry, health):
+    health.set_ready("ingest", False)
+    health.beat("ingest")
+    async with HttpServer(HttpSettings(port=0), registry, health):
+        assert registry.get_sample_value("armguard_ready") == 0
+        assert registry.get_sample_value("armguard_live") == 1
+        assert registry.get_sample_value("armguard_component_ready", {"component": "ingest"}) == 0
+        assert (
+            registry.get_sample_value("armguard_loop_seconds_since_beat", {"loop": "ingest"}) >= 0
+        )
+        health.set_ready("ingest", True)
+        assert registry.get_sample_value("armguard_ready") == 1
+    assert registry.get_sample_value("armguard_ready") is None  # unregistered on stop
+    async with HttpServer(HttpSettings(port=0), registry, health):  # and can register again
+        assert registry.get_sample_value("armguard_ready") == 1
+
+
+async def test_port_in_use_fails_cleanly(server, registry, health):
+    other = HttpServer(HttpSettings(port=server.port), CollectorRegistry(), health)
+    with pytest.raises(OSError):
+        await other.start()
+    assert other.port is None
