@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", type=Path, help="experiments YAML (overrides the settings)")
     p.set_defaults(handler=_run)
 
+    from . import operator
+
+    operator.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,528 @@
+"""The evaluate stage's pure core: summaries and operator commands in, decisions out.
+
+Nothing here touches Kafka or reads a clock. The engine is a deterministic function of the
+sequence of input records (and their offsets and Kafka timestamps), so the live daemon, a restart
+from a snapshot and ``armguard replay`` reach the same decisions, with the same event ids.
+
+Policy
+------
+* A guardrail is evaluated per treatment arm; its level is ``inconclusive`` until the data and the
+  minimum sample size are there (never a pass, never a kill), then ``ok``, ``warn`` or ``breach``.
+* A breach fires once per onset: the action (``alert``, ``pause``, ``kill``) is taken when the level
+  enters ``breach`` and not again until it has left it. ``shadow`` guardrails record what would
+  have fired and change nothing.
+* ``pause`` and ``kill`` change the arm's desired state (kill outranks pause); an SRM breach acts
+  on the whole experiment. The daemon never sets anything back to ``running``: only an operator's
+  ``resume`` does, and the onset it resumed from stays consumed, so the resume is not undone.
+* An operator ``override`` silences one guardrail (state ``overridden``) until it expires in event
+  time; a breach still standing when it expires fires then.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from . import commands as cmds
+from .errors import CommandRejected
+from .events import DECISION_TYPE, KILLSWITCH_TYPE, cloud_event, event_id
+from .experiments import ExperimentConfig, ExperimentsFile
+from .guardrails import ArmData, GuardrailRunner, SrmRunner, make_runners
+
+__all__ = ["Engine", "ExperimentState", "Output"]
+
+_SEVERITY = {"running": 0, "paused": 1, "killed": 2}
+_MAX_SEEN_COMMANDS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A record for one of armguard's topics: ``kind`` is killswitch, decisions or state."""
+
+    kind: str
+    key: bytes
+    value: bytes
+
+
+def _ranges_add(ranges: dict[str, list[int]], key: str, first: int, last: int) -> None:
+    cur = ranges.get(key)
+    if cur is None:
+        ranges[key] = [first, last]
+    else:
+        cur[0] = min(cur[0], first)
+        cur[1] = max(cur[1], last)
+
+
+class ExperimentState:
+    """Everything the evaluate stage knows about one experiment; snapshotted after each change."""
+
+    def __init__(self, exp: ExperimentConfig):
+        self.exp = exp
+        self.id = exp.id
+        self.revision = 0
+        self.state = "running"
+        self.arm_states = {a: "running" for a in exp.arms}
+        self.arms: dict[str, ArmData] = {}
+        self.interval: dict[str, ArmData] = {}
+        self.next_tick: float | None = None
+        self.runners: dict[str, GuardrailRunner] = make_runners(exp)
+        self.srm = SrmRunner(exp) if exp.srm.enabled else None
+        self.overrides: dict[str, float] = {}  # guardrail name -> expiry (event time)
+        self.seen_commands: list[str] = []
+        self.summary_offsets: dict[str, list[int]] = {}
+        self.telemetry_offsets: dict[str, list[int]] = {}
+        self.last_ts: float | None = None
+        self.last_decision: dict[str, Any] | None = None
+        self.decision_seq = 0
+
+    # -- public views -------------------------------------------------------------------------
+    def guardrail_state(self, r: GuardrailRunner) -> str:
+        exp_at = self.overrides.get(r.g.name)
+        if exp_at is not None and (self.last_ts is None or self.last_ts < exp_at):
+            return "overridden"
+        return r.status.level
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.status.row(self.guardrail_state(r)) for r in self.runners.values()]
+
+    def desired(self) -> dict[str, Any]:
+        return {"state": self.state, "arms": dict(self.arm_states)}
+
+    def offsets(self) -> dict[str, list[dict[str, Any]]]:
+        def expand(ranges: dict[str, list[int]]) -> list[dict[str, Any]]:
+            out = []
+            for key, (first, last) in sorted(ranges.items()):
+                topic, _, part = key.rpartition(":")
+                out.append({"topic": topic, "partition": int(part), "first": first, "last": last})
+            return out
+
+        return {
+            "summaries": expand(self.summary_offsets),
+            "telemetry": expand(self.telemetry_offsets),
+        }
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot(self, config_version: str) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "experiment": self.id,
+            "revision": self.revision,
+            "config_version": config_version,
+            "desired": self.desired(),
+            "status": {
+                "updated_ts": self.last_ts,
+                "guardrails": self.rows(),
+                "srm": None
+                if self.srm is None
+                else {"p_value": self.srm.p_value, "state": self.srm.level},
+                "last_decision": self.last_decision,
+            },
+            "internal": {
+                "arms": {a: d.to_state() for a, d in sorted(self.arms.items())},
+                "interval": {a: d.to_state() for a, d in sorted(self.interval.items())},
+                "next_tick": self.next_tick,
+                "runners": {k: r.to_state() for k, r in sorted(self.runners.items())},
+                "srm": None if self.srm is None else self.srm.to_state(),
+                "overrides": dict(sorted(self.overrides.items())),
+                "seen_commands": list(self.seen_commands),
+                "summary_offsets": self.summary_offsets,
+                "telemetry_offsets": self.telemetry_offsets,
+                "decision_seq": self.decision_seq,
+            },
+        }
+
+    @classmethod
+    def restore(cls, exp: ExperimentConfig, snap: dict[str, Any]) -> ExperimentState:
+        s = cls(exp)
+        s.revision = int(snap["revision"])
+        desired = snap["desired"]
+        s.state = desired["state"]
+        for arm, st in desired["arms"].items():
+            if arm in s.arm_states:
+                s.arm_states[arm] = st
+        status = snap.get("status") or {}
+        s.last_ts = status.get("updated_ts")
+        s.last_decision = status.get("last_decision")
+        internal = snap["internal"]
+        s.arms = {a: ArmData.from_state(d) for a, d in internal["arms"].items()}
+        s.interval = {a: ArmData.from_state(d) for a, d in internal["interval"].items()}
+        s.next_tick = internal["next_tick"]
+        for key, rst in internal["runners"].items():
+            # A guardrail removed from the config is dropped; a new one starts fresh and
+            # catches up on the cumulative data at the next evaluation.
+            if key in s.runners:
+                s.runners[key].restore(rst)
+        if s.srm is not None and internal.get("srm"):
+            s.srm.restore(internal["srm"])
+        s.overrides = {k: float(v) for k, v in internal["overrides"].items()}
+        s.seen_commands = list(internal["seen_commands"])
+        s.summary_offsets = {k: list(v) for k, v in internal["summary_offsets"].items()}
+        s.telemetry_offsets = {k: list(v) for k, v in internal["telemetry_offsets"].items()}
+        s.decision_seq = int(internal.get("decision_seq", 0))
+        return s
+
+
+class Engine:
+    """Applies summaries and commands to experiment states and says what to publish.
+
+    Parameters
+    ----------
+    experiments
+        The validated experiment definitions; their hash is the config version in every event.
+    evaluation_interval_s
+        Event-time length of the interval after which drift and anomaly detectors run.
+    hmac_key, command_max_age_s
+        Command authentication (see :mod:`armguard.daemon.commands`).
+    """
+
+    def __init__(
+        self,
+        experiments: ExperimentsFile,
+        *,
+        evaluation_interval_s: float = 10.0,
+        hmac_key: bytes | None = None,
+        command_max_age_s: float = 300.0,
+        source: str = "armguard",
+    ):
+        self.config = experiments
+        self.version = experiments.version
+        self.by_id = experiments.by_id()
+        self.interval_s = float(evaluation_interval_s)
+        self.hmac_key = hmac_key
+        self.command_max_age_s = command_max_age_s
+        self.source = source
+        self.states: dict[str, ExperimentState] = {}
+        self.dirty: set[str] = set()
+        self.counters: dict[str, int] = {
+            "summaries": 0,
+            "summaries_unknown_experiment": 0,
+            "summaries_invalid": 0,
+            "commands_applied": 0,
+            "commands_rejected": 0,
+            "killswitch_events": 0,
+            "decisions": 0,
+        }
+        self.rejections: list[tuple[str, str]] = []  # (command, reason) since last drain
+
+    # -- state management ---------------------------------------------------------------------
+    def state_for(self, experiment: str) -> ExperimentState | None:
+        st = self.states.get(experiment)
+        if st is None:
+            exp = self.by_id.get(experiment)
+            if exp is None:
+                return None
+            st = self.states[experiment] = ExperimentState(exp)
+        return st
+
+    def restore(self, value: bytes) -> str | None:
+        """Load one snapshot from the state topic; returns its experiment id, or None if unknown."""
+        snap = orjson.loads(value)
+        exp = self.by_id.get(snap.get("experiment"))
+        if exp is None:
+            return None
+        self.states[exp.id] = ExperimentState.restore(exp, snap)
+        return exp.id
+
+    def drop(self, experiments: set[str]) -> None:
+        for e in experiments:
+            self.states.pop(e, None)
+            self.dirty.discard(e)
+
+    def snapshots(self) -> list[Output]:
+        """State snapshots of every experiment changed since the last call."""
+        out = []
+        for e in sorted(self.dirty):
+            st = self.states.get(e)
+            if st is not None:
+                value = orjson.dumps(st.snapshot(self.version))
+                out.append(Output("state", e.encode(), value))
+        self.dirty.clear()
+        return out
+
+    # -- summaries ----------------------------------------------------------------------------
+    def apply_summary(
+        self, value: bytes, *, topic: str, partition: int, offset: int
+    ) -> list[Output]:
+        """Merge one summary record and evaluate; returns the events and decisions to publish."""
+        try:
+            rec = orjson.loads(value)
+            experiment = rec["experiment"]
+            arms = rec["arms"]
+            span = rec.get("span") or {}
+            if not isinstance(arms, dict) or not isinstance(experiment, str):
+                raise TypeError("bad shape")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.counters["summaries_invalid"] += 1
+            return []
+        st = self.state_for(experiment)
+        if st is None:
+            self.counters["summaries_unknown_experiment"] += 1
+            return []
+        self.counters["summaries"] += 1
+        for arm, data in arms.items():
+            if arm not in st.exp.arms:
+                continue
+            st.arms.setdefault(arm, ArmData()).merge_state(data)
+            st.interval.setdefault(arm, ArmData()).merge_state(data)
+        _ranges_add(st.summary_offsets, f"{topic}:{partition}", offset, offset)
+        for o in rec.get("offsets") or []:
+            try:
+                _ranges_add(
+                    st.telemetry_offsets,
+                    f"{o['topic']}:{int(o['partition'])}",
+                    int(o["first"]),
+                    int(o["last"]),
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+        max_ts = span.get("max_ts")
+        if isinstance(max_ts, int | float) and math.isfinite(max_ts):
+            st.last_ts = max(st.last_ts or max_ts, float(max_ts))
+        self.dirty.add(experiment)
+        return self._evaluate(st)
+
+    def _evaluate(self, st: ExperimentState) -> list[Output]:
+        out: list[Output] = []
+        for r in st.runners.values():
+            if r.sequential:
+                r.evaluate_cumulative(st.arms)
+        if st.srm is not None:
+            st.srm.evaluate(st.arms)
+        # Drift and anomaly run when event time crosses an evaluation boundary.
+        if st.last_ts is not None:
+            if st.next_tick is None:
+                st.next_tick = (math.floor(st.last_ts / self.interval_s) + 1) * self.interval_s
+            elif st.last_ts >= st.next_tick:
+                for r in st.runners.values():
+                    if not r.sequential:
+                        r.evaluate_interval(st.interval, st.arms, st.next_tick)
+                st.interval = {}
+                st.next_tick = (math.floor(st.last_ts / self.interval_s) + 1) * self.interval_s
+        for r in st.runners.values():
+            out.extend(self._policy(st, r))
+        if st.srm is not None:
+            out.extend(self._srm_policy(st))
+        return out
+
+    # -- policy -------------------------------------------------------------------------------
+    def _policy(self, st: ExperimentState, r: GuardrailRunner) -> list[Output]:
+        state = st.guardrail_state(r)
+        if state == "overridden":
+            return []
+        if r.status.level != "breach":
+            r.firing = False  # cleared: the next breach is a new onset
+            return []
+        if r.firing:
+            return []
+        r.firing = True
+        return self._act(st, "guardrail", r.g.action, r.g.shadow, r.arm, r.status.row("breach"))
+
+    def _srm_policy(self, st: ExperimentState) -> list[Output]:
+        srm = st.srm
+        assert srm is not None
+        if srm.level != "breach":
+            srm.firing = False
+            return []
+        if srm.firing:
+            return []
+        srm.firing = True
+        row = {
+            "guardrail": "srm",
+            "arm": None,
+            "metric": None,
+            "test": "srm",
+            "state": "breach",
+            "method": getattr(srm.detector, "method", "srm"),
+            "p_value": srm.p_value,
+            "alpha": srm.cfg.alpha,
+            "counts": {a: (st.arms[a].count if a in st.arms else 0) for a in st.exp.arms},
+        }
+        return self._act(st, "srm", srm.cfg.action, srm.cfg.shadow, None, row)
+
+    def _act(
+        self,
+        st: ExperimentState,
+        cause: str,
+        action: str,
+        shadow: bool,
+        arm: str | None,
+        row: dict[str, Any],
+        operator: dict[str, Any] | None = None,
+    ) -> list[Output]:
+        decision = {**row, "action": action, "shadow": shadow, "operator": operator}
+        changed = False
+        if not shadow and action in ("pause", "kill"):
+            target = "killed" if action == "kill" else "paused"
+            if arm is None or arm == st.exp.control:
+                if _SEVERITY[target] > _SEVERITY[st.state]:
+                    st.state = target
+                    changed = True
+            elif _SEVERITY[target] > _SEVERITY[st.arm_states[arm]]:
+                st.arm_states[arm] = target
+                changed = True
+        return self._publish(st, cause, decision, changed)
+
+    def _publish(
+        self, st: ExperimentState, cause: str, decision: dict[str, Any], changed: bool
+    ) -> list[Output]:
+        out: list[Output] = []
+        st.decision_seq += 1
+        st.last_decision = decision
+        self.dirty.add(st.id)
+        if changed:
+            st.revision += 1
+            data = {
+                "experiment": st.id,
+                "revision": st.revision,
+                **st.desired(),
+                "cause": cause,
+                "decision": decision,
+                "guardrails": st.rows(),
+                "config_version": self.version,
+                "offsets": st.offsets(),
+            }
+            ev = cloud_event(
+                KILLSWITCH_TYPE,
+                st.id,
+                data,
+                id_parts=(st.id, st.revision, cause),
+                event_time=st.last_ts,
+                source=self.source,
+            )
+            out.append(Output("killswitch", st.id.encode(), orjson.dumps(ev)))
+            self.counters["killswitch_events"] += 1
+        audit = cloud_event(
+            DECISION_TYPE,
+            st.id,
+            {
+                "kind": "decision" if cause != "operator" else "command",
+                "experiment": st.id,
+                "seq": st.decision_seq,
+                "revision": st.revision,
+                "state_changed": changed,
+                **st.desired(),
+                "cause": cause,
+                "decision": decision,
+                "config_version": self.version,
+                "offsets": st.offsets(),
+            },
+            id_parts=(st.id, "decision", st.decision_seq),
+            event_time=st.last_ts,
+            source=self.source,
+        )
+        out.append(Output("decisions", st.id.encode(), orjson.dumps(audit)))
+        self.counters["decisions"] += 1
+        return out
+
+    # -- commands -----------------------------------------------------------------------------
+    def apply_command(
+        self, value: bytes | None, *, topic: str, partition: int, offset: int, timestamp_s: float
+    ) -> list[Output]:
+        """Authenticate and apply one operator command; rejected ones are audited."""
+        try:
+            obj = cmds.parse(value)
+            cmd = cmds.verify(
+                obj, self.hmac_key, received_at=timestamp_s, max_age_s=self.command_max_age_s
+            )
+            st = self.state_for(cmd.experiment)
+            if st is None:
+                raise CommandRejected("unknown_experiment", f"{cmd.experiment!r} is not configured")
+            if cmd.id in st.seen_commands:
+                raise CommandRejected("replayed", f"command id {cmd.id} was already applied")
+            if cmd.arm is not None and cmd.arm not in st.exp.arms:
+                raise CommandRejected(
+                    "unknown_arm", f"arm {cmd.arm!r}; arms: {', '.join(st.exp.arms)}"
+                )
+            if cmd.guardrail is not None and cmd.guardrail not in {
+                g.name for g in st.exp.guardrails
+            } | {"srm"}:
+                raise CommandRejected("unknown_guardrail", f"guardrail {cmd.guardrail!r}")
+        except CommandRejected as exc:
+            return self._reject(value, exc, topic, partition, offset, timestamp_s)
+        self.counters["commands_applied"] += 1
+        st.seen_commands.append(cmd.id)
+        del st.seen_commands[:-_MAX_SEEN_COMMANDS]
+        operator = {
+            **cmd.to_dict(),
+            "offset": {"topic": topic, "partition": partition, "offset": offset},
+        }
+        if st.last_ts is None:
+            st.last_ts = timestamp_s
+        changed = False
+        row: dict[str, Any] = {"guardrail": cmd.guardrail, "arm": cmd.arm, "state": None}
+        if cmd.command in ("kill", "pause"):
+            target = "killed" if cmd.command == "kill" else "paused"
+            if cmd.arm is None or cmd.arm == st.exp.control:
+                changed = st.state != target
+                st.state = target
+            else:
+                changed = st.arm_states[cmd.arm] != target
+                st.arm_states[cmd.arm] = target
+        elif cmd.command == "resume":
+            if cmd.arm is None or cmd.arm == st.exp.control:
+                changed = st.state != "running"
+                st.state = "running"
+                if cmd.arm is None:
+                    for a in st.arm_states:
+                        changed = changed or st.arm_states[a] != "running"
+                        st.arm_states[a] = "running"
+            else:
+                changed = st.arm_states[cmd.arm] != "running"
+                st.arm_states[cmd.arm] = "running"
+        elif cmd.command == "override":
+            assert cmd.guardrail is not None and cmd.duration_s is not None
+            # Expiry is measured in event time from the later of the data's time and the
+            # command's issue time, so it is reproducible on replay.
+            base = max(st.last_ts or cmd.issued_at, cmd.issued_at)
+            st.overrides[cmd.guardrail] = base + cmd.duration_s
+            row["expires_ts"] = st.overrides[cmd.guardrail]
+        # acknowledge: audited only.
+        decision = {**row, "action": cmd.command, "shadow": False, "operator": operator}
+        return self._publish(st, "operator", decision, changed)
+
+    def _reject(
+        self,
+        value: bytes | None,
+        exc: CommandRejected,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_s: float,
+    ) -> list[Output]:
+        self.counters["commands_rejected"] += 1
+        command = "unknown"
+        experiment = ""
+        try:
+            obj = orjson.loads(value) if value else None
+            if isinstance(obj, dict):
+                command = str(obj.get("command", "unknown"))[:32]
+                experiment = str(obj.get("experiment", ""))[:100]
+        except orjson.JSONDecodeError:
+            pass
+        self.rejections.append((command if command in cmds.COMMANDS else "unknown", exc.reason))
+        audit = cloud_event(
+            DECISION_TYPE,
+            experiment or "unknown",
+            {
+                "kind": "command_rejected",
+                "experiment": experiment,
+                "command": command,
+                "reason": exc.reason,
+                "detail": exc.detail,
+                "offset": {"topic": topic, "partition": partition, "offset": offset},
+            },
+            id_parts=("rejected", topic, partition, offset),
+            event_time=timestamp_s,
+            source=self.source,
+        )
+        return [Output("decisions", (experiment or "unknown").encode(), orjson.dumps(audit))]
+
+    # -- read-only views for metrics and status -----------------------------------------------
+    def experiment_ids(self) -> list[str]:
+        return sorted(self.states)
+
+    def event_ids(self) -> str:
+        return event_id(*sorted(self.states))

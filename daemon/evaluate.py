@@ -1,0 +1,363 @@
+"""Stage 2, evaluate: the Kafka edge around :class:`~armguard.daemon.engine.Engine`.
+
+It consumes ``armguard.summaries`` and ``armguard.commands`` in one consumer group with the range
+assignor, so partition *p* of both topics (co-partitioned: same partition count, keyed by
+experiment) lands on one owner. For each owned partition number it keeps one transactional
+producer whose ``transactional.id`` is derived from the group and *p*: when a partition moves, the
+new owner's ``init_transactions`` fences the old one, so a zombie cannot commit. Each fetched batch
+of a partition is one transaction holding the kill-switch events, the decisions, the new state
+snapshots of the experiments it touched and the consumed offsets of both topics.
+
+On assignment the state of *p* is restored from partition *p* of the compacted ``armguard.state``
+topic (read_committed, to its last stable offset) before any input of *p* is processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+from .engine import Engine, Output
+from .experiments import ExperimentsFile
+from .health import Health
+from .kafka import kafka_options
+from .metrics import GuardrailSample, Metrics
+from .settings import Settings
+
+__all__ = ["EvaluateStage"]
+
+log = logging.getLogger("armguard.evaluate")
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, stage: EvaluateStage):
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.stage._revoke({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.stage._assign({tp.partition for tp in assigned})
+
+
+class EvaluateStage:
+    """Summaries and commands in; kill switch, decisions and state out, exactly once."""
+
+    name = "evaluate"
+
+    def __init__(
+        self,
+        settings: Settings,
+        experiments: ExperimentsFile,
+        metrics: Metrics,
+        health: Health,
+    ):
+        self.settings = settings
+        self.cfg = settings.evaluate
+        self.topics = settings.topics
+        self.metrics = metrics
+        self.health = health
+        key = settings.commands.hmac_key
+        self.engine = Engine(
+            experiments,
+            evaluation_interval_s=self.cfg.evaluation_interval_s,
+            hmac_key=key.get_secret_value().encode() if key is not None else None,
+            command_max_age_s=settings.commands.max_age_s,
+        )
+        self._kafka = kafka_options(settings.kafka)
+        self._producers: dict[int, AIOKafkaProducer] = {}
+        self._owner: dict[str, int] = {}  # experiment -> partition number
+        self._lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self.restore_seconds: list[float] = []
+        metrics.set_experiments([e.id for e in experiments.experiments])
+        metrics.set_guardrail_provider(self._samples)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self.health.set_ready(self.name, False)
+        consumer = AIOKafkaConsumer(
+            **self._kafka,
+            group_id=self.cfg.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=self.settings.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=self.settings.kafka.max_poll_interval_ms,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        try:
+            consumer.subscribe(
+                [self.topics.summaries, self.topics.commands], listener=_Listener(self)
+            )
+            stall = max(30.0, 3 * self.cfg.poll_timeout_ms / 1000)
+            while not stop.is_set():
+                self.health.beat(self.name, stall_after_s=stall)
+                batches = await consumer.getmany(timeout_ms=self.cfg.poll_timeout_ms)
+                if not consumer.assignment():
+                    # Joined but owning nothing (more instances than partitions): still ready.
+                    self.health.set_ready(self.name, True)
+                if batches:
+                    await self._process(batches)
+                await self._export_lag(consumer)
+        finally:
+            self.health.done(self.name)
+            async with self._lock:
+                for p in list(self._producers):
+                    await self._close_partition(p)
+            await consumer.stop()
+            self._consumer = None
+
+    def summary(self) -> str:
+        c = self.engine.counters
+        return (
+            f"evaluate: {c['summaries']} summaries, {c['killswitch_events']} kill-switch events, "
+            f"{c['decisions']} decisions, {c['commands_applied']} commands applied, "
+            f"{c['commands_rejected']} rejected"
+        )
+
+    # -- partitions ---------------------------------------------------------------------------
+    async def _assign(self, partitions: set[int]) -> None:
+        self.health.set_ready(self.name, False)
+        async with self._lock:
+            for p in sorted(partitions - set(self._producers)):
+                producer = AIOKafkaProducer(
+                    **self._kafka,
+                    transactional_id=f"{self.cfg.group_id}-{self.topics.summaries}-{p}",
+                    transaction_timeout_ms=self.settings.kafka.transaction_timeout_ms,
+                    enable_idempotence=True,
+                    acks="all",
+                )
+                # init_transactions (in start) fences any zombie holding this partition's id and
+                # aborts its open transaction, so the state read below is the last committed one.
+                await producer.start()
+                self._producers[p] = producer
+                started = time.monotonic()
+                await self._restore(p)
+                elapsed = time.monotonic() - started
+                self.restore_seconds.append(elapsed)
+                self.metrics.state_restore_duration.observe(elapsed)
+        self.health.set_ready(self.name, True)
+
+    async def _revoke(self, partitions: set[int]) -> None:
+        async with self._lock:
+            for p in sorted(partitions & set(self._producers)):
+                await self._close_partition(p)
+
+    async def _close_partition(self, p: int) -> None:
+        owned = {e for e, q in self._owner.items() if q == p}
+        self.engine.drop(owned)
+        for e in owned:
+            del self._owner[e]
+        producer = self._producers.pop(p, None)
+        if producer is not None:
+            await producer.stop()
+
+    async def _restore(self, p: int) -> None:
+        tp = TopicPartition(self.topics.state, p)
+        reader = AIOKafkaConsumer(
+            **self._kafka,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
+        await reader.start()
+        n = 0
+        try:
+            reader.assign([tp])
+            await reader.seek_to_beginning(tp)
+            end = (await reader.end_offsets([tp]))[tp]
+            while await reader.position(tp) < end:
+                batch = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
+                for rec in batch.get(tp, []):
+                    if rec.value is None:
+                        continue
+                    exp = self.engine.restore(rec.value)
+                    if exp is not None:
+                        self._owner[exp] = p
+                        n += 1
+        finally:
+            await reader.stop()
+        log.info("restored %d snapshots of partition %d from %s", n, p, self.topics.state)
+
+    # -- processing ---------------------------------------------------------------------------
+    async def _process(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        by_partition: dict[int, list[tuple[TopicPartition, Any]]] = defaultdict(list)
+        for tp, records in batches.items():
+            for rec in records:
+                by_partition[tp.partition].append((tp, rec))
+        for p, items in sorted(by_partition.items()):
+            async with self._lock:
+                if p not in self._producers:
+                    continue  # revoked while we were fetching; the new owner processes it
+                await self._process_partition(p, items)
+
+    async def _process_partition(self, p: int, items: list[tuple[TopicPartition, Any]]) -> None:
+        started = time.monotonic()
+        # Commands and summaries of one partition are applied in (timestamp, topic, offset)
+        # order: a pure function of the input, so replay and restarts agree.
+        items.sort(key=lambda it: (it[1].timestamp, it[0].topic, it[1].offset))
+        outputs: list[Output] = []
+        offsets: dict[TopicPartition, int] = {}
+        for tp, rec in items:
+            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+            if tp.topic == self.topics.summaries:
+                outputs.extend(
+                    self.engine.apply_summary(
+                        rec.value or b"", topic=tp.topic, partition=p, offset=rec.offset
+                    )
+                )
+                key = rec.key.decode("utf-8", "replace") if rec.key else None
+                if key is not None and key in self.engine.states:
+                    self._owner[key] = p
+            else:
+                before = self.engine.counters["commands_applied"]
+                outputs.extend(
+                    self.engine.apply_command(
+                        rec.value,
+                        topic=tp.topic,
+                        partition=p,
+                        offset=rec.offset,
+                        timestamp_s=rec.timestamp / 1000.0,
+                    )
+                )
+                if self.engine.counters["commands_applied"] > before:
+                    cmd = _command_name(rec.value)
+                    self.metrics.commands.labels(command=cmd, outcome="applied").inc()
+                for cmd, reason in self.engine.rejections:
+                    self.metrics.commands.labels(command=cmd, outcome=f"rejected_{reason}").inc()
+                self.engine.rejections.clear()
+                for e in self.engine.dirty:
+                    self._owner[e] = p
+        outputs.extend(self.engine.snapshots())
+        await self._commit(p, outputs, offsets)
+        self.metrics.batch_duration.labels(stage=self.name).observe(time.monotonic() - started)
+
+    async def _commit(
+        self, p: int, outputs: list[Output], offsets: dict[TopicPartition, int]
+    ) -> None:
+        producer = self._producers[p]
+        topic_of = {
+            "killswitch": self.topics.killswitch,
+            "decisions": self.topics.decisions,
+            "state": self.topics.state,
+        }
+        started = time.monotonic()
+        try:
+            async with producer.transaction():
+                futures = [
+                    await producer.send(topic_of[o.kind], o.value, key=o.key, partition=p)
+                    if o.kind == "state"
+                    else await producer.send(topic_of[o.kind], o.value, key=o.key)
+                    for o in outputs
+                ]
+                await producer.send_offsets_to_transaction(offsets, self.cfg.group_id)
+            for f in futures:
+                await f
+        except Exception:
+            self.metrics.transactions.labels(stage=self.name, outcome="failed").inc()
+            raise
+        self.metrics.transactions.labels(stage=self.name, outcome="committed").inc()
+        self.metrics.transaction_duration.labels(stage=self.name).observe(
+            time.monotonic() - started
+        )
+        for o in outputs:
+            if o.kind == "killswitch":
+                self.metrics.killswitch_events.labels(
+                    experiment=o.key.decode(), action=_action_of(o.value)
+                ).inc()
+            elif o.kind == "decisions":
+                self.metrics.decisions.labels(
+                    experiment=o.key.decode(), outcome=_decision_outcome(o.value)
+                ).inc()
+
+    async def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            end = consumer.last_stable_offset(tp)
+            if end is None:
+                continue
+            position = await consumer.position(tp)  # local once the position is known
+            self.metrics.consumer_lag.labels(
+                group=self.cfg.group_id, topic=tp.topic, partition=str(tp.partition)
+            ).set(max(0, end - position))
+
+    # -- metrics ------------------------------------------------------------------------------
+    def _samples(self) -> list[GuardrailSample]:
+        out = []
+        for st in self.engine.states.values():
+            for r in st.runners.values():
+                s = r.status
+                out.append(
+                    GuardrailSample(
+                        experiment=st.id,
+                        arm=r.arm,
+                        guardrail=r.g.name,
+                        test=r.g.test,
+                        state=st.guardrail_state(r),
+                        estimate=s.estimate,
+                        lower=s.lower,
+                        upper=s.upper,
+                        p_value=s.p_value,
+                        score=s.score,
+                        threshold=s.threshold,
+                        experiment_state=_arm_effective(st.state, st.arm_states.get(r.arm)),
+                        shadow=r.g.shadow,
+                    )
+                )
+            if st.srm is not None:
+                out.append(
+                    GuardrailSample(
+                        experiment=st.id,
+                        arm="all",
+                        guardrail="srm",
+                        test="srm",
+                        state=st.srm.level,
+                        p_value=st.srm.p_value,
+                        experiment_state=st.state,
+                        shadow=st.srm.cfg.shadow,
+                    )
+                )
+        return out
+
+
+def _arm_effective(exp_state: str, arm_state: str | None) -> str:
+    order = {"running": 0, "paused": 1, "killed": 2}
+    a = arm_state or "running"
+    return a if order[a] > order[exp_state] else exp_state
+
+
+def _command_name(value: bytes | None) -> str:
+    import orjson
+
+    try:
+        return str(orjson.loads(value or b"{}").get("command", "unknown"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return "unknown"
+
+
+def _action_of(value: bytes) -> str:
+    import orjson
+
+    data = orjson.loads(value)["data"]
+    return str((data.get("decision") or {}).get("action", "unknown"))
+
+
+def _decision_outcome(value: bytes) -> str:
+    import orjson
+
+    data = orjson.loads(value)["data"]
+    if data.get("kind") == "command_rejected":
+        return "command_rejected"
+    d = data.get("decision") or {}
+    if d.get("shadow"):
+        return f"shadow_{d.get('action')}"
+    return str(d.get("action", "unknown"))

@@ -1,0 +1,351 @@
+"""Adapters from a configured guardrail to the pure detectors, and their status rows.
+
+Each runner owns the detector for one (guardrail, arm) pair and turns its output into a *level*:
+``inconclusive`` (thin or missing data: never a pass, never a kill), ``ok``, ``warn`` or
+``breach``, plus the numbers that explain it. Policy (overrides, onsets, actions) lives in
+:mod:`armguard.daemon.engine`; statistics live in ``detectors/``.
+
+Sequential tests are valid at every look, so their level follows the test directly. Drift and
+anomaly detectors raise alarms; ``consecutive`` alarmed evaluations turn a warn into a breach.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from armguard.detectors.summary import Summary
+
+from .experiments import ExperimentConfig, GuardrailConfig
+
+__all__ = ["ArmData", "GuardrailRunner", "SrmRunner", "Status", "make_runners"]
+
+# A sequential test whose always-valid p-value is below WARN_FACTOR x alpha (but not below alpha)
+# is reported as "warn": the evidence is building up, the guardrail has not crossed.
+WARN_FACTOR = 10.0
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class ArmData:
+    """Cumulative (or per-interval) data of one arm: record count and a Summary per name."""
+
+    count: int = 0
+    metrics: dict[str, Summary] = field(default_factory=dict)
+    features: dict[str, Summary] = field(default_factory=dict)
+
+    def merge_state(self, arm: dict[str, Any]) -> None:
+        self.count += int(arm.get("count", 0))
+        for kind in ("metrics", "features"):
+            target: dict[str, Summary] = getattr(self, kind)
+            for name, st in (arm.get(kind) or {}).items():
+                s = Summary.from_state(st)
+                if name in target:
+                    target[name].merge_in(s)
+                else:
+                    target[name] = s
+
+    def merge_in(self, other: ArmData) -> None:
+        self.count += other.count
+        for kind in ("metrics", "features"):
+            target: dict[str, Summary] = getattr(self, kind)
+            for name, s in getattr(other, kind).items():
+                if name in target:
+                    target[name].merge_in(s)
+                else:
+                    target[name] = s.copy()
+
+    def get(self, source: str, name: str) -> Summary | None:
+        return (self.features if source == "feature" else self.metrics).get(name)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "metrics": {k: v.to_state() for k, v in sorted(self.metrics.items())},
+            "features": {k: v.to_state() for k, v in sorted(self.features.items())},
+        }
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> ArmData:
+        return cls(
+            count=int(st["count"]),
+            metrics={k: Summary.from_state(v) for k, v in st["metrics"].items()},
+            features={k: Summary.from_state(v) for k, v in st["features"].items()},
+        )
+
+
+@dataclass
+class Status:
+    """What a guardrail says now about one arm; exported as metrics and in events."""
+
+    guardrail: str
+    arm: str
+    metric: str | None
+    test: str
+    level: str = "inconclusive"  # inconclusive | ok | warn | breach
+    method: str = ""
+    estimate: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    relative_estimate: float | None = None
+    relative_lower: float | None = None
+    relative_upper: float | None = None
+    p_value: float | None = None
+    e_value: float | None = None
+    alpha: float | None = None
+    n_control: int = 0
+    n_treatment: int = 0
+    score: float | None = None
+    threshold: float | None = None
+    min_samples_reached: bool = False
+    streak: int = 0
+
+    def row(self, state: str) -> dict[str, Any]:
+        """The JSON row used in events, snapshots and the status API."""
+        return {
+            "guardrail": self.guardrail,
+            "arm": self.arm,
+            "metric": self.metric,
+            "test": self.test,
+            "state": state,
+            "method": self.method,
+            "estimate": _finite(self.estimate),
+            "lower": _finite(self.lower),
+            "upper": _finite(self.upper),
+            "relative_estimate": _finite(self.relative_estimate),
+            "relative_lower": _finite(self.relative_lower),
+            "relative_upper": _finite(self.relative_upper),
+            "p_value": _finite(self.p_value),
+            "e_value": _finite(self.e_value),
+            "alpha": _finite(self.alpha),
+            "n_control": self.n_control,
+            "n_treatment": self.n_treatment,
+            "score": _finite(self.score),
+            "threshold": _finite(self.threshold),
+        }
+
+
+class GuardrailRunner:
+    """One guardrail applied to one arm: owns the detector and the onset bookkeeping."""
+
+    def __init__(self, exp: ExperimentConfig, g: GuardrailConfig, arm: str, alpha: float):
+        self.exp = exp
+        self.g = g
+        self.arm = arm
+        self.alpha = alpha
+        self.key = f"{g.name}/{arm}"
+        self.firing = False  # a breach onset has been acted on and not cleared since
+        self.streak = 0
+        self.status = Status(g.name, arm, g.metric, g.test, alpha=alpha)
+        self.detector: Any = self._build()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build(self) -> Any:
+        g = self.g
+        if g.test in ("mean", "proportion"):
+            from armguard.detectors.sequential import build_sequential_test
+
+            return build_sequential_test(
+                g.test,
+                alpha=self.alpha,
+                harmful=g.harmful,
+                margin=g.margin,
+                relative_margin=g.relative_margin,
+                tuning_n=g.tuning_n,
+                min_samples=g.min_samples,
+            )
+        if g.test == "drift":
+            from armguard.detectors.drift_adapter import build_drift_detector
+
+            return build_drift_detector(expected_run_length=g.expected_run_length)
+        if g.test == "anomaly":
+            from armguard.detectors.anomaly_adapter import build_anomaly_detector
+
+            return build_anomaly_detector(expected_run_length=g.expected_run_length)
+        raise ValueError(f"unknown test {g.test!r}")  # pragma: no cover - config validates
+
+    @property
+    def sequential(self) -> bool:
+        return self.g.test in ("mean", "proportion")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate_cumulative(self, arms: dict[str, ArmData]) -> None:
+        """Sequential tests: run on the cumulative control and treatment data."""
+        g, st = self.g, self.status
+        control = arms.get(self.exp.control)
+        treat = arms.get(self.arm)
+        c = control.get(g.source, g.metric) if control else None  # type: ignore[arg-type]
+        t = treat.get(g.source, g.metric) if treat else None  # type: ignore[arg-type]
+        st.n_control = c.count if c else 0
+        st.n_treatment = t.count if t else 0
+        if c is None or t is None or c.count < 2 or t.count < 2:
+            st.level = "inconclusive"
+            st.min_samples_reached = False
+            return
+        r = self.detector.update(c, t)
+        st.method = r.method
+        st.estimate, (st.lower, st.upper) = r.estimate, r.confidence_interval
+        st.relative_estimate = r.relative_estimate
+        st.relative_lower, st.relative_upper = r.relative_interval
+        st.p_value, st.e_value = r.p_value, r.e_value
+        st.alpha = r.alpha
+        st.min_samples_reached = bool(r.min_samples_reached)
+        if not st.min_samples_reached:
+            st.level = "inconclusive"
+        elif r.breached:
+            st.level = "breach"
+        elif r.p_value is not None and r.p_value < WARN_FACTOR * r.alpha:
+            st.level = "warn"
+        else:
+            st.level = "ok"
+
+    def evaluate_interval(
+        self, interval: dict[str, ArmData], cumulative: dict[str, ArmData], t: float
+    ) -> None:
+        """Drift and anomaly: run once per evaluation interval (event time ``t``)."""
+        g, st = self.g, self.status
+        treat_cum = cumulative.get(self.arm)
+        n_t = (
+            treat_cum.get(g.source, g.metric).count
+            if treat_cum and treat_cum.get(g.source, g.metric)
+            else 0
+        )  # type: ignore[arg-type]
+        ctrl_cum = cumulative.get(self.exp.control)
+        n_c = (
+            ctrl_cum.get(g.source, g.metric).count
+            if ctrl_cum and ctrl_cum.get(g.source, g.metric)
+            else 0
+        )  # type: ignore[arg-type]
+        st.n_control, st.n_treatment = n_c, n_t
+        if g.test == "drift":
+            c_int = interval.get(self.exp.control)
+            t_int = interval.get(self.arm)
+            c = c_int.get(g.source, g.metric) if c_int else None  # type: ignore[arg-type]
+            x = t_int.get(g.source, g.metric) if t_int else None  # type: ignore[arg-type]
+            if c is None or x is None or c.count == 0 or x.count == 0:
+                st.level = "inconclusive" if self.streak == 0 else st.level
+                return
+            res = self.detector.update(c, x)
+        else:
+            arm_int = interval.get(self.arm)
+            s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
+            if s is None or s.count == 0:
+                return
+            res = self.detector.update(s.mean, t)
+        st.method = res.method
+        st.score, st.threshold = res.score, res.threshold
+        alarmed = bool(res.in_alarm)
+        self.streak = self.streak + 1 if alarmed else 0
+        st.streak = self.streak
+        if n_t < g.min_samples or (g.test == "drift" and n_c < g.min_samples):
+            st.level = "inconclusive"
+        elif self.streak >= g.consecutive:
+            st.level = "breach"
+        elif self.streak > 0:
+            st.level = "warn"
+        else:
+            st.level = "ok"
+
+    # -- state --------------------------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "firing": self.firing,
+            "streak": self.streak,
+            "level": self.status.level,
+            "detector": self.detector.to_state(),
+            "status": self.status.row(self.status.level),
+        }
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.firing = bool(st["firing"])
+        self.streak = int(st["streak"])
+        self.detector = type(self.detector).from_state(st["detector"])
+        row = st.get("status") or {}
+        s = self.status
+        s.level = st.get("level", "inconclusive")
+        for name in (
+            "method",
+            "estimate",
+            "lower",
+            "upper",
+            "relative_estimate",
+            "relative_lower",
+            "relative_upper",
+            "p_value",
+            "e_value",
+            "alpha",
+            "score",
+            "threshold",
+        ):
+            if name in row:
+                setattr(s, name, row[name])
+        s.n_control = int(row.get("n_control", 0))
+        s.n_treatment = int(row.get("n_treatment", 0))
+        s.streak = self.streak
+
+
+class SrmRunner:
+    """The sample-ratio-mismatch check on cumulative record counts per arm."""
+
+    def __init__(self, exp: ExperimentConfig):
+        from armguard.detectors.srm import SampleRatioMismatch
+
+        self.exp = exp
+        self.cfg = exp.srm
+        self.firing = False
+        self.level = "inconclusive"
+        self.p_value: float | None = None
+        self.detector = SampleRatioMismatch(allocation=dict(exp.arms), alpha=self.cfg.alpha)
+
+    def evaluate(self, arms: dict[str, ArmData]) -> None:
+        counts = {a: (arms[a].count if a in arms else 0) for a in self.exp.arms}
+        r = self.detector.update(counts)
+        self.p_value = r.p_value
+        if sum(counts.values()) < self.cfg.min_samples:
+            self.level = "inconclusive"
+        elif r.breached:
+            self.level = "breach"
+        elif r.p_value is not None and r.p_value < WARN_FACTOR * self.cfg.alpha:
+            self.level = "warn"
+        else:
+            self.level = "ok"
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "firing": self.firing,
+            "level": self.level,
+            "p_value": _finite(self.p_value),
+            "detector": self.detector.to_state(),
+        }
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.firing = bool(st["firing"])
+        self.level = st["level"]
+        self.p_value = st["p_value"]
+        self.detector = type(self.detector).from_state(st["detector"])
+
+
+def make_runners(exp: ExperimentConfig) -> dict[str, GuardrailRunner]:
+    """Runners for every guardrail and treatment arm, with the experiment's alpha split.
+
+    The family is every (sequential guardrail, treatment arm) pair; Bonferroni over always-valid
+    p-values keeps the chance that any healthy arm is ever killed by a sequential test at or below
+    the experiment's alpha.
+    """
+    alpha_each = exp.alpha / exp.family_size
+    runners: dict[str, GuardrailRunner] = {}
+    for g in exp.guardrails:
+        for arm in exp.treatments:
+            r = GuardrailRunner(exp, g, arm, alpha_each)
+            runners[r.key] = r
+    return runners
