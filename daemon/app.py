@@ -78,8 +78,32 @@ class Daemon:
             log.info("received %s: stopping fetches, finishing open transactions", sig.name)
         self.stop.set()
 
+    async def ensure_topics(self) -> None:
+        """Create armguard's own topics that are missing (not the telemetry topics)."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from .kafka import ensure_topics, kafka_options
+
+        t = self.settings.topics
+        admin = AIOKafkaAdminClient(**kafka_options(self.settings.kafka))
+        await admin.start()
+        try:
+            created = await ensure_topics(
+                admin,
+                self.settings,
+                partitions=t.partitions,
+                replication_factor=t.replication_factor,
+            )
+        finally:
+            await admin.close()
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+
     async def run(self, extra: Sequence[Stage] = ()) -> None:
         from .http import HttpServer
+
+        if self.settings.topics.create:
+            await self.ensure_topics()
 
         http = HttpServer(self.settings.http, self.registry, self.health, status=self)
         await http.start()

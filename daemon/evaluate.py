@@ -24,9 +24,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from .engine import Engine, Output
+from .errors import ConfigError, ConfigProblem
 from .experiments import ExperimentsFile
 from .health import Health
-from .kafka import kafka_options
+from .kafka import kafka_options, transactional_producer_options
 from .metrics import GuardrailSample, Metrics
 from .settings import Settings
 
@@ -96,6 +97,7 @@ class EvaluateStage:
         self._consumer = consumer
         await consumer.start()
         try:
+            self._check_copartitioned(consumer)
             consumer.subscribe(
                 [self.topics.summaries, self.topics.commands], listener=_Listener(self)
             )
@@ -117,6 +119,27 @@ class EvaluateStage:
             await consumer.stop()
             self._consumer = None
 
+    def _check_copartitioned(self, consumer: AIOKafkaConsumer) -> None:
+        """Summaries, commands and state must have one partition count: partition p of each
+        holds the same experiments, which is what lets one owner restore and apply them."""
+        t = self.topics
+        counts = {
+            n: len(consumer.partitions_for_topic(n) or ())
+            for n in (t.summaries, t.commands, t.state)
+        }
+        if len(set(counts.values())) != 1 or 0 in counts.values():
+            detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "kafka",
+                        "topics",
+                        f"summaries, commands and state need the same partition count ({detail}); "
+                        "recreate them with the same `topics.partitions`",
+                    )
+                ]
+            )
+
     def summary(self) -> str:
         c = self.engine.counters
         return (
@@ -131,11 +154,9 @@ class EvaluateStage:
         async with self._lock:
             for p in sorted(partitions - set(self._producers)):
                 producer = AIOKafkaProducer(
-                    **self._kafka,
-                    transactional_id=f"{self.cfg.group_id}-{self.topics.summaries}-{p}",
-                    transaction_timeout_ms=self.settings.kafka.transaction_timeout_ms,
-                    enable_idempotence=True,
-                    acks="all",
+                    **transactional_producer_options(
+                        self.settings, f"{self.cfg.group_id}-{self.topics.summaries}-{p}"
+                    )
                 )
                 # init_transactions (in start) fences any zombie holding this partition's id and
                 # aborts its open transaction, so the state read below is the last committed one.

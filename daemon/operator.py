@@ -82,6 +82,20 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the snapshots' status as JSON lines")
     p.set_defaults(handler=_status)
 
+    p = sub.add_parser(
+        "watch",
+        help="show guardrail status live until a kill-switch event arrives",
+        description=(
+            "Follow the state and kill-switch topics and redraw the guardrail status. With "
+            "--until-event, exit 0 after printing the first new kill-switch event (1 on timeout)."
+        ),
+    )
+    p.add_argument("experiment", nargs="?")
+    p.add_argument("--settings", type=Path)
+    p.add_argument("--until-event", action="store_true", help="exit after the first new event")
+    p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds")
+    p.set_defaults(handler=_watch)
+
 
 def _send(args: argparse.Namespace) -> int:
     from .settings import load_settings
@@ -193,6 +207,112 @@ def _verdict(
     return None
 
 
+def _render(snaps: dict[str, dict[str, Any]], only: str | None) -> list[str]:
+    lines = []
+    for exp, snap in sorted(snaps.items()):
+        if only and exp != only:
+            continue
+        d = snap["desired"]
+        arms = ", ".join(f"{a}={s}" for a, s in d["arms"].items())
+        lines.append(f"{exp}: {d['state']} (revision {snap['revision']}; arms {arms})")
+        for row in snap["status"]["guardrails"]:
+            est, lo, hi, p = (
+                row.get("estimate"),
+                row.get("lower"),
+                row.get("upper"),
+                row.get("p_value"),
+            )
+            nums = ""
+            if est is not None:
+                nums = f" estimate {est:+.4g}"
+                if lo is not None and hi is not None:
+                    nums += f" [{lo:+.4g}, {hi:+.4g}]"
+            if p is not None:
+                nums += f" p={p:.3g}"
+            if row.get("score") is not None:
+                nums += f" score {row['score']:.3g}/{row.get('threshold') or 0:.3g}"
+            lines.append(
+                f"  {row['guardrail']:<24} {row['arm']:<14} {row['state']:<13}"
+                f" n={row['n_control']}/{row['n_treatment']}{nums}"
+            )
+        srm = snap["status"].get("srm")
+        if srm:
+            p = srm.get("p_value")
+            lines.append(
+                f"  {'srm':<24} {'all':<14} {srm['state']:<13}"
+                + (f" p={p:.3g}" if p is not None else "")
+            )
+    return lines
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .settings import load_settings
+
+    settings = load_settings(args.settings)
+    return asyncio.run(_watch_async(settings, args.experiment, args.until_event, args.timeout))
+
+
+async def _watch_async(settings: Any, only: str | None, until_event: bool, limit_s: float) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from .kafka import kafka_options
+
+    reader = AIOKafkaConsumer(
+        **kafka_options(settings.kafka), isolation_level="read_committed", enable_auto_commit=False
+    )
+    await reader.start()
+    tty = sys.stdout.isatty()
+    snaps: dict[str, dict[str, Any]] = {}
+    try:
+        topics = settings.topics
+        tps = []
+        for topic in (topics.state, topics.killswitch):
+            parts = reader.partitions_for_topic(topic) or {0}
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        reader.assign(tps)
+        state_tps = [tp for tp in tps if tp.topic == topics.state]
+        ks_tps = [tp for tp in tps if tp.topic == topics.killswitch]
+        await reader.seek_to_beginning(*state_tps)
+        await reader.seek_to_end(*ks_tps)
+        for tp in ks_tps:
+            await reader.position(tp)
+        started = time.monotonic()
+        last_drawn: list[str] = []
+        while not limit_s or time.monotonic() - started < limit_s:
+            batch = await reader.getmany(timeout_ms=500)
+            for tp, records in batch.items():
+                for rec in records:
+                    if rec.value is None:
+                        continue
+                    try:
+                        obj = orjson.loads(rec.value)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if tp.topic == topics.state:
+                        if isinstance(obj, dict) and "experiment" in obj:
+                            snaps[obj["experiment"]] = obj
+                        continue
+                    if only and obj.get("subject") != only:
+                        continue
+                    print(f"\nkill-switch event on {tp.topic}[{tp.partition}]@{rec.offset}:")
+                    print(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+                    if until_event:
+                        return 0
+            lines = _render(snaps, only)
+            if lines != last_drawn:
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                stamp = time.strftime("%H:%M:%S")
+                print(f"[{stamp}] armguard guardrail status" + ("" if tty else ":"))
+                print("\n".join(lines) if lines else "  (no state yet)")
+                sys.stdout.flush()
+                last_drawn = lines
+        print(f"no kill-switch event within {limit_s:.0f} s", file=sys.stderr)
+        return 1
+    finally:
+        await reader.stop()
+
+
 def _status(args: argparse.Namespace) -> int:
     from .settings import load_settings
 
@@ -203,38 +323,12 @@ def _status(args: argparse.Namespace) -> int:
         if not snaps:
             print(f"no state for experiment {args.experiment!r}", file=sys.stderr)
             return 1
-    for exp, snap in sorted(snaps.items()):
-        if args.json:
+    if args.json:
+        for _, snap in sorted(snaps.items()):
             view = {k: snap[k] for k in ("experiment", "revision", "desired", "status")}
             print(orjson.dumps(view).decode())
-            continue
-        d = snap["desired"]
-        arms = ", ".join(f"{a}={s}" for a, s in d["arms"].items())
-        print(f"{exp}: {d['state']} (revision {snap['revision']}; arms {arms})")
-        for row in snap["status"]["guardrails"]:
-            est = row.get("estimate")
-            lo, hi = row.get("lower"), row.get("upper")
-            p = row.get("p_value")
-            nums = ""
-            if est is not None:
-                nums = f" estimate {est:+.4g}"
-                if lo is not None and hi is not None:
-                    nums += f" [{lo:+.4g}, {hi:+.4g}]"
-            if p is not None:
-                nums += f" p={p:.3g}"
-            if row.get("score") is not None:
-                nums += f" score {row['score']:.3g}/{row.get('threshold') or 0:.3g}"
-            print(
-                f"  {row['guardrail']:<24} {row['arm']:<14} {row['state']:<13}"
-                f" n={row['n_control']}/{row['n_treatment']}{nums}"
-            )
-        srm = snap["status"].get("srm")
-        if srm:
-            p = srm.get("p_value")
-            print(
-                f"  {'srm':<24} {'all':<14} {srm['state']:<13}"
-                + (f" p={p:.3g}" if p is not None else "")
-            )
+        return 0
+    print("\n".join(_render(snaps, args.experiment)))
     return 0
 
 

@@ -92,6 +92,9 @@ class TopicSettings(_Section):
     decisions: str = "armguard.decisions"
     state: str = "armguard.state"
     commands: str = "armguard.commands"
+    create: bool = True
+    partitions: int = Field(6, ge=1, le=10_000)
+    replication_factor: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _some_telemetry(self) -> TopicSettings:
