@@ -138,40 +138,44 @@ class Status:
 class GuardrailRunner:
     """One guardrail applied to one arm: owns the detector and the onset bookkeeping."""
 
-    def __init__(self, exp: ExperimentConfig, g: GuardrailConfig, arm: str, alpha: float):
+    def __init__(self, exp: ExperimentConfig, g: GuardrailConfig, arm: str, alpha: Any):
         self.exp = exp
         self.g = g
         self.arm = arm
-        self.alpha = alpha
+        self.alpha = alpha  # an AlphaSplit: the family split shows in every result
         self.key = f"{g.name}/{arm}"
         self.firing = False  # a breach onset has been acted on and not cleared since
         self.streak = 0
-        self.status = Status(g.name, arm, g.metric, g.test, alpha=alpha)
+        self.status = Status(g.name, arm, g.metric, g.test, alpha=alpha.alpha)
         self.detector: Any = self._build()
 
     # -- construction -------------------------------------------------------------------------
     def _build(self) -> Any:
         g = self.g
         if g.test in ("mean", "proportion"):
-            from armguard.detectors.sequential import build_sequential_test
-
-            return build_sequential_test(
-                g.test,
+            if g.test == "mean":
+                from armguard.detectors.mean_difference import MeanDifferenceTest as cls
+            else:
+                from armguard.detectors.proportion_difference import (
+                    ProportionDifferenceTest as cls,
+                )
+            extra = {"tuning_n": g.tuning_n} if g.tuning_n is not None else {}
+            return cls(
                 alpha=self.alpha,
                 harmful=g.harmful,
                 margin=g.margin,
                 relative_margin=g.relative_margin,
-                tuning_n=g.tuning_n,
                 min_samples=g.min_samples,
+                **extra,
             )
         if g.test == "drift":
-            from armguard.detectors.drift_adapter import build_drift_detector
+            from armguard.detectors.histogram_drift import HistogramDrift
 
-            return build_drift_detector(expected_run_length=g.expected_run_length)
+            return HistogramDrift(expected_run_length=g.expected_run_length)
         if g.test == "anomaly":
-            from armguard.detectors.anomaly_adapter import build_anomaly_detector
+            from armguard.detectors.seasonal_zscore import SeasonalZScore
 
-            return build_anomaly_detector(expected_run_length=g.expected_run_length)
+            return SeasonalZScore(expected_run_length=g.expected_run_length)
         raise ValueError(f"unknown test {g.test!r}")  # pragma: no cover - config validates
 
     @property
@@ -194,9 +198,10 @@ class GuardrailRunner:
             return
         r = self.detector.update(c, t)
         st.method = r.method
-        st.estimate, (st.lower, st.upper) = r.estimate, r.confidence_interval
+        st.estimate = r.estimate
+        st.lower, st.upper = r.confidence_interval or (None, None)
         st.relative_estimate = r.relative_estimate
-        st.relative_lower, st.relative_upper = r.relative_interval
+        st.relative_lower, st.relative_upper = r.relative_interval or (None, None)
         st.p_value, st.e_value = r.p_value, r.e_value
         st.alpha = r.alpha
         st.min_samples_reached = bool(r.min_samples_reached)
@@ -235,16 +240,17 @@ class GuardrailRunner:
             if c is None or x is None or c.count == 0 or x.count == 0:
                 st.level = "inconclusive" if self.streak == 0 else st.level
                 return
-            res = self.detector.update(c, x)
+            self.detector.update(c, x)
         else:
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
             if s is None or s.count == 0:
                 return
-            res = self.detector.update(s.mean, t)
-        st.method = res.method
-        st.score, st.threshold = res.score, res.threshold
-        alarmed = bool(res.in_alarm)
+            self.detector.update(s.mean, t)
+        det = self.detector
+        st.method = type(det).__name__
+        st.score, st.threshold = det.score, det.threshold
+        alarmed = bool(det.in_alarm)
         self.streak = self.streak + 1 if alarmed else 0
         st.streak = self.streak
         if n_t < g.min_samples or (g.test == "drift" and n_c < g.min_samples):
@@ -342,10 +348,13 @@ def make_runners(exp: ExperimentConfig) -> dict[str, GuardrailRunner]:
     p-values keeps the chance that any healthy arm is ever killed by a sequential test at or below
     the experiment's alpha.
     """
-    alpha_each = exp.alpha / exp.family_size
+    from armguard.detectors.alpha import split_alpha
+
+    n_seq = sum(1 for g in exp.guardrails if g.test in ("mean", "proportion"))
+    split = split_alpha(exp.alpha, treatments=len(exp.treatments), guardrails=max(1, n_seq))
     runners: dict[str, GuardrailRunner] = {}
     for g in exp.guardrails:
         for arm in exp.treatments:
-            r = GuardrailRunner(exp, g, arm, alpha_each)
+            r = GuardrailRunner(exp, g, arm, split)
             runners[r.key] = r
     return runners

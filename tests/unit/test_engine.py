@@ -1,0 +1,344 @@
+"""The evaluate stage's pure engine: policy, operator commands, determinism, snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from armguard.daemon import commands as cmds
+from armguard.daemon.engine import Engine
+from armguard.daemon.experiments import parse_experiments
+from armguard.detectors.summary import Summary
+
+KEY = b"test-key"
+CONFIG = """
+experiments:
+  - id: ranker
+    control: control
+    arms: {control: 0.34, t1: 0.33, t2: 0.33}
+    alpha: 0.05
+    guardrails:
+      - {metric: error, test: proportion, harmful: increase, min_samples: 500, action: kill}
+      - {metric: latency_ms, test: mean, harmful: increase, margin: "2%", min_samples: 500, action: kill}
+      - {name: latency-shadow, metric: latency_ms, test: mean, harmful: increase, min_samples: 500,
+         action: kill, shadow: true}
+    srm: {alpha: 0.001, action: alert, min_samples: 1000}
+"""
+
+
+def summary_record(experiment, arms, *, t0, t1, offset_first, offset_last, partition=0):
+    out = {}
+    for arm, metrics in arms.items():
+        states = {}
+        n = 0
+        for name, values in metrics.items():
+            s = Summary()
+            s.update_many(np.asarray(values, dtype=float))
+            states[name] = s.to_state()
+            n = len(values)
+        out[arm] = {"count": n, "metrics": states, "features": {}}
+    return orjson.dumps(
+        {
+            "v": 1,
+            "experiment": experiment,
+            "config_version": "x",
+            "source": {"topic": "telemetry", "partition": partition},
+            "offsets": [
+                {
+                    "topic": "telemetry",
+                    "partition": partition,
+                    "first": offset_first,
+                    "last": offset_last,
+                }
+            ],
+            "span": {"min_ts": t0, "max_ts": t1},
+            "arms": out,
+        }
+    )
+
+
+def stream(
+    seed, *, n_batches, per_arm=400, bad_arm=None, start_batch_bad=0, err_bad=0.05, lat_bad=1.3
+):
+    """Summary records of a 3-arm experiment; `bad_arm` regresses from `start_batch_bad` on."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    off = 0
+    for b in range(n_batches):
+        arms = {}
+        for arm in ("control", "t1", "t2"):
+            bad = arm == bad_arm and b >= start_batch_bad
+            p = err_bad if bad else 0.01
+            scale = lat_bad if bad else 1.0
+            arms[arm] = {
+                "error": (rng.random(per_arm) < p).astype(float),
+                "latency_ms": rng.lognormal(4.0, 0.3, per_arm) * scale,
+            }
+        t = 1_764_300_000.0 + b * 5
+        recs.append(
+            summary_record(
+                "ranker", arms, t0=t, t1=t + 5, offset_first=off, offset_last=off + 3 * per_arm - 1
+            )
+        )
+        off += 3 * per_arm
+    return recs
+
+
+def run(engine, records, start=0):
+    outs = []
+    for i, value in enumerate(records):
+        outs.extend(
+            engine.apply_summary(value, topic="armguard.summaries", partition=0, offset=start + i)
+        )
+    return outs
+
+
+def of_kind(outs, kind):
+    return [orjson.loads(o.value) for o in outs if o.kind == kind]
+
+
+@pytest.fixture
+def config():
+    return parse_experiments(CONFIG, where="test.yaml")
+
+
+def engine_for(config):
+    return Engine(config, evaluation_interval_s=10, hmac_key=KEY)
+
+
+def test_healthy_arms_never_act(config):
+    e = engine_for(config)
+    outs = run(e, stream(1, n_batches=40))
+    assert of_kind(outs, "killswitch") == []
+    st = e.states["ranker"]
+    assert st.desired() == {
+        "state": "running",
+        "arms": {"control": "running", "t1": "running", "t2": "running"},
+    }
+    assert {r["state"] for r in st.rows()} <= {"ok", "warn"}
+
+
+def test_thin_data_is_inconclusive_never_a_kill(config):
+    e = engine_for(config)
+    # 100 records per arm with a huge regression: below min_samples (500), so nothing acts.
+    outs = run(e, stream(2, n_batches=1, per_arm=100, bad_arm="t1", err_bad=0.5, lat_bad=3.0))
+    assert of_kind(outs, "killswitch") == []
+    assert {r["state"] for r in e.states["ranker"].rows()} == {"inconclusive"}
+
+
+def test_regression_kills_only_the_bad_arm_once(config):
+    e = engine_for(config)
+    outs = run(e, stream(3, n_batches=40, bad_arm="t1", start_batch_bad=5))
+    events = of_kind(outs, "killswitch")
+    assert len(events) == 1, [ev["data"]["decision"]["guardrail"] for ev in events]
+    ev = events[0]
+    assert ev["specversion"] == "1.0" and ev["type"] == "armguard.killswitch.v1"
+    assert ev["subject"] == "ranker"
+    data = ev["data"]
+    assert data["arms"] == {"control": "running", "t1": "killed", "t2": "running"}
+    assert data["state"] == "running"
+    d = data["decision"]
+    assert d["arm"] == "t1" and d["action"] == "kill" and not d["shadow"]
+    assert d["p_value"] <= d["alpha"] and d["lower"] > 0
+    assert d["alpha"] == pytest.approx(0.05 / 6)  # 2 treatments x 3 sequential guardrails
+    assert data["offsets"]["telemetry"][0]["first"] == 0
+    assert data["config_version"] == config.version
+    # The shadow guardrail recorded what it would have done, without an event of its own.
+    decisions = of_kind(outs, "decisions")
+    shadow = [x for x in decisions if x["data"]["decision"]["shadow"]]
+    assert shadow and all(not x["data"]["state_changed"] for x in shadow)
+    assert all(x["data"]["decision"]["arm"] == "t1" for x in decisions)
+
+
+def test_same_input_same_outputs_bit_for_bit(config):
+    recs = stream(4, n_batches=30, bad_arm="t2", start_batch_bad=3)
+    a = [(o.kind, o.key, o.value) for o in run(engine_for(config), recs)]
+    b = [(o.kind, o.key, o.value) for o in run(engine_for(config), recs)]
+    assert a == b and any(k == "killswitch" for k, _, _ in a)
+
+
+def test_restore_from_snapshot_reaches_the_same_decisions(config):
+    recs = stream(5, n_batches=30, bad_arm="t1", start_batch_bad=4)
+    full = engine_for(config)
+    expected = [(o.kind, o.value) for o in run(full, recs) if o.kind != "state"]
+    for cut in (1, 7, 12, 20):
+        first = engine_for(config)
+        got = [(o.kind, o.value) for o in run(first, recs[:cut]) if o.kind != "state"]
+        snap = [o for o in first.snapshots() if o.kind == "state"][-1]
+        second = engine_for(config)
+        assert second.restore(snap.value) == "ranker"
+        got += [(o.kind, o.value) for o in run(second, recs[cut:], start=cut) if o.kind != "state"]
+        assert got == expected, f"diverged after restoring at {cut}"
+
+
+def signed(command, **kw):
+    base = {"user": "alice", "issued_at": 1_764_300_000.0, **kw}
+    return orjson.dumps(cmds.sign(cmds.new_command(command, "ranker", **base), KEY))
+
+
+def apply(e, value, offset=0, ts=1_764_300_001.0):
+    return e.apply_command(
+        value, topic="armguard.commands", partition=0, offset=offset, timestamp_s=ts
+    )
+
+
+def test_operator_resume_is_not_undone(config):
+    e = engine_for(config)
+    recs = stream(6, n_batches=60, bad_arm="t1", start_batch_bad=2)
+    outs = run(e, recs[:30])
+    assert e.states["ranker"].arm_states["t1"] == "killed"
+    assert len(of_kind(outs, "killswitch")) == 1
+    outs = apply(e, signed("resume", arm="t1", reason="known issue, fixed"))
+    (ev,) = of_kind(outs, "killswitch")
+    assert ev["data"]["arms"]["t1"] == "running" and ev["data"]["cause"] == "operator"
+    # The regression goes on, but the daemon does not kill again what the operator resumed.
+    outs = run(e, recs[30:], start=30)
+    assert of_kind(outs, "killswitch") == []
+    assert e.states["ranker"].arm_states["t1"] == "running"
+
+
+def test_operator_kill_and_daemon_never_resumes(config):
+    e = engine_for(config)
+    outs = apply(e, signed("kill", arm="t2", reason="manual"))
+    (ev,) = of_kind(outs, "killswitch")
+    assert ev["data"]["arms"]["t2"] == "killed"
+    assert ev["data"]["decision"]["operator"]["user"] == "alice"
+    outs = run(e, stream(7, n_batches=20))
+    assert of_kind(outs, "killswitch") == []
+    assert e.states["ranker"].arm_states["t2"] == "killed"
+
+
+def test_override_silences_until_it_expires(config):
+    e = engine_for(config)
+    recs = stream(8, n_batches=60, bad_arm="t1", start_batch_bad=0)
+    # Silence the error guardrail for 100 s of event time, from the first data on.
+    apply(e, signed("override", guardrail="error-proportion", duration_s=100.0))
+    apply(e, signed("override", guardrail="latency_ms-mean", duration_s=100.0, id="o2"), offset=1)
+    outs = run(e, recs[:18])  # up to t0 + 90 s: silenced
+    assert of_kind(outs, "killswitch") == []
+    assert {
+        r["state"]
+        for r in e.states["ranker"].rows()
+        if r["guardrail"] != "latency-shadow" and r["arm"] == "t1"
+    } == {"overridden"}
+    outs = run(e, recs[18:30], start=18)  # past expiry: the standing breach fires now
+    events = of_kind(outs, "killswitch")
+    assert len(events) == 1 and events[0]["data"]["arms"]["t1"] == "killed"
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (
+            orjson.dumps(
+                cmds.sign(
+                    cmds.new_command("kill", "ranker", user="mallory", issued_at=1_764_300_000.0),
+                    b"guess",
+                )
+            ),
+            "bad_signature",
+        ),
+        (
+            orjson.dumps(
+                cmds.new_command("kill", "ranker", user="mallory", issued_at=1_764_300_000.0)
+            ),
+            "unsigned",
+        ),
+        (b"not json", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (None, "malformed"),
+        (
+            orjson.dumps(
+                cmds.sign(
+                    cmds.new_command("kill", "ranker", user="a", issued_at=1_763_000_000.0), KEY
+                )
+            ),
+            "expired",
+        ),
+        (
+            orjson.dumps(
+                cmds.sign(
+                    cmds.new_command("explode", "ranker", user="a", issued_at=1_764_300_000.0), KEY
+                )
+            ),
+            "malformed",
+        ),
+        (
+            orjson.dumps(
+                cmds.sign(
+                    cmds.new_command("kill", "nope", user="a", issued_at=1_764_300_000.0), KEY
+                )
+            ),
+            "unknown_experiment",
+        ),
+        (
+            orjson.dumps(
+                cmds.sign(
+                    cmds.new_command(
+                        "kill", "ranker", arm="t9", user="a", issued_at=1_764_300_000.0
+                    ),
+                    KEY,
+                )
+            ),
+            "unknown_arm",
+        ),
+    ],
+)
+def test_forged_or_malformed_commands_are_rejected_and_audited(config, value, reason):
+    e = engine_for(config)
+    outs = apply(e, value, offset=41)
+    assert of_kind(outs, "killswitch") == []
+    (audit,) = of_kind(outs, "decisions")
+    assert audit["data"]["kind"] == "command_rejected"
+    assert audit["data"]["reason"] == reason
+    assert audit["data"]["offset"] == {"topic": "armguard.commands", "partition": 0, "offset": 41}
+    assert e.counters["commands_rejected"] == 1 and e.counters["commands_applied"] == 0
+    assert e.states.get("ranker") is None or e.states["ranker"].arm_states["t1"] == "running"
+
+
+def test_a_replayed_command_id_is_rejected(config):
+    e = engine_for(config)
+    value = signed("pause", arm="t1", id="same")
+    assert of_kind(apply(e, value), "killswitch")
+    (audit,) = of_kind(apply(e, value, offset=1), "decisions")
+    assert audit["data"]["reason"] == "replayed"
+
+
+def test_commands_need_a_configured_key(config):
+    e = Engine(config, hmac_key=None)
+    (audit,) = of_kind(apply(e, signed("kill")), "decisions")
+    assert audit["data"]["reason"] == "no_key"
+
+
+def test_unknown_experiment_and_garbage_summaries_are_counted(config):
+    e = engine_for(config)
+    other = summary_record(
+        "other", {"control": {"error": [0.0]}}, t0=0, t1=1, offset_first=0, offset_last=0
+    )
+    assert run(e, [other, b"{", b"[]"]) == []
+    assert e.counters["summaries_unknown_experiment"] == 1
+    assert e.counters["summaries_invalid"] == 2
+
+
+def test_srm_breach_acts_on_the_experiment(config):
+    exp = parse_experiments(
+        CONFIG.replace("action: alert, min_samples: 1000", "action: pause, min_samples: 1000"),
+        where="t.yaml",
+    )
+    e = engine_for(exp)
+    rng = np.random.default_rng(9)
+    recs = []
+    for b in range(30):
+        arms = {
+            a: {"error": (rng.random(n) < 0.01).astype(float)}
+            for a, n in (("control", 600), ("t1", 400), ("t2", 400))
+        }
+        recs.append(
+            summary_record(
+                "ranker", arms, t0=b * 5.0, t1=b * 5.0 + 5, offset_first=b, offset_last=b
+            )
+        )
+    events = of_kind(run(e, recs), "killswitch")
+    assert len(events) == 1
+    assert events[0]["data"]["state"] == "paused" and events[0]["data"]["cause"] == "srm"
