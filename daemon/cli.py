@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", type=Path, help="experiments YAML (overrides the settings)")
     p.set_defaults(handler=_run)
 
-    from . import operator
+    from . import operator, replay
 
     operator.add_parsers(sub)
+    replay.add_parser(sub)
     return parser
 
 
