@@ -8,6 +8,7 @@ raw numbers picked by eye. Only the standard library is used so the detectors st
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from statistics import NormalDist
 
 _NORMAL = NormalDist()
@@ -103,6 +104,7 @@ def chi2_sf(x: float, df: float) -> float:
     return _gamma_q(0.5 * df, 0.5 * x)
 
 
+@lru_cache(maxsize=1024)
 def chi2_isf(alpha: float, df: float) -> float:
     """Upper ``alpha`` quantile of the chi-square distribution (bisection on ``chi2_sf``)."""
     lo, hi = 0.0, max(1.0, df)
@@ -132,6 +134,7 @@ def kolmogorov_sf(x: float) -> float:
     return min(1.0, max(0.0, 2.0 * total))
 
 
+@lru_cache(maxsize=64)
 def kolmogorov_isf(alpha: float) -> float:
     """Upper ``alpha`` quantile of the Kolmogorov distribution."""
     lo, hi = 0.0, 10.0
