@@ -318,7 +318,9 @@ class Engine:
         if r.firing:
             return []
         r.firing = True
-        return self._act(st, "guardrail", r.g.action, r.g.shadow, r.arm, r.status.row("breach"))
+        # The control arm cannot be switched off in favour of itself: its alarms only alert.
+        action = "alert" if r.arm == st.exp.control else r.g.action
+        return self._act(st, "guardrail", action, r.g.shadow, r.arm, r.status.row("breach"))
 
     def _srm_policy(self, st: ExperimentState) -> list[Output]:
         srm = st.srm

@@ -80,6 +80,7 @@ class GuardrailConfig(_Model):
     metric: str | None = None
     source: Literal["metric", "feature"] = "metric"
     test: Literal["proportion", "mean", "srm", "drift", "anomaly"]
+    mode: Literal["control", "reference"] = "control"
     harmful: Literal["increase", "decrease", "any"] = "increase"
     margin: float = 0.0
     relative_margin: bool = False
@@ -136,6 +137,8 @@ class GuardrailConfig(_Model):
                 "margin: must be >= 0; it is the harm tolerated before the guardrail breaches "
                 "(the harmful direction is set by `harmful`)"
             )
+        if self.mode == "reference" and self.test != "drift":
+            raise ValueError("mode: only drift guardrails have a mode (control or reference)")
         if self.test == "srm" and self.metric:
             raise ValueError("metric: an srm guardrail counts units per arm and takes no metric")
         if not self.name:

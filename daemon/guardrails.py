@@ -169,9 +169,13 @@ class GuardrailRunner:
                 **extra,
             )
         if g.test == "drift":
-            from armguard.detectors.histogram_drift import HistogramDrift
+            if g.mode == "reference":
+                from armguard.detectors.window_drift import WindowDrift
 
-            return HistogramDrift(expected_run_length=g.expected_run_length)
+                return WindowDrift(expected_run_length=g.expected_run_length)
+            from armguard.detectors.two_sample_drift import TwoSampleDrift
+
+            return TwoSampleDrift(expected_run_length=g.expected_run_length)
         if g.test == "anomaly":
             from armguard.detectors.seasonal_zscore import SeasonalZScore
 
@@ -232,7 +236,7 @@ class GuardrailRunner:
             else 0
         )  # type: ignore[arg-type]
         st.n_control, st.n_treatment = n_c, n_t
-        if g.test == "drift":
+        if g.test == "drift" and g.mode == "control":
             c_int = interval.get(self.exp.control)
             t_int = interval.get(self.arm)
             c = c_int.get(g.source, g.metric) if c_int else None  # type: ignore[arg-type]
@@ -240,7 +244,13 @@ class GuardrailRunner:
             if c is None or x is None or c.count == 0 or x.count == 0:
                 st.level = "inconclusive" if self.streak == 0 else st.level
                 return
-            self.detector.update(c, x)
+            self.detector.update(x, c)
+        elif g.test == "drift":
+            arm_int = interval.get(self.arm)
+            s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
+            if s is None or s.count == 0:
+                return
+            self.detector.update(s)
         else:
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
@@ -253,7 +263,9 @@ class GuardrailRunner:
         alarmed = bool(det.in_alarm)
         self.streak = self.streak + 1 if alarmed else 0
         st.streak = self.streak
-        if n_t < g.min_samples or (g.test == "drift" and n_c < g.min_samples):
+        if n_t < g.min_samples or (
+            g.test == "drift" and g.mode == "control" and n_c < g.min_samples
+        ):
             st.level = "inconclusive"
         elif self.streak >= g.consecutive:
             st.level = "breach"
@@ -354,7 +366,10 @@ def make_runners(exp: ExperimentConfig) -> dict[str, GuardrailRunner]:
     split = split_alpha(exp.alpha, treatments=len(exp.treatments), guardrails=max(1, n_seq))
     runners: dict[str, GuardrailRunner] = {}
     for g in exp.guardrails:
-        for arm in exp.treatments:
+        # Comparisons with control run per treatment; an arm against its own past (reference
+        # drift, anomaly) runs on every arm, control included: there it can only alert.
+        own_past = g.test == "anomaly" or (g.test == "drift" and g.mode == "reference")
+        for arm in exp.arms if own_past else exp.treatments:
             r = GuardrailRunner(exp, g, arm, split)
             runners[r.key] = r
     return runners

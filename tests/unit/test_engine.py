@@ -342,3 +342,55 @@ def test_srm_breach_acts_on_the_experiment(config):
     events = of_kind(run(e, recs), "killswitch")
     assert len(events) == 1
     assert events[0]["data"]["state"] == "paused" and events[0]["data"]["cause"] == "srm"
+
+
+DRIFT_CONFIG = """
+experiments:
+  - id: feat
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    srm: {enabled: false}
+    guardrails:
+      - {metric: f, source: feature, test: drift, mode: control, consecutive: 2, min_samples: 200,
+         action: pause, expected_run_length: 10000}
+"""
+
+
+def feature_stream(seed, *, n_batches, shift_at, per_arm=500):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for b in range(n_batches):
+        arms = {}
+        for arm in ("control", "treatment"):
+            x = rng.lognormal(3.0, 0.5, per_arm)
+            if arm == "treatment" and b >= shift_at:
+                x = x * 1.5
+            s = Summary()
+            s.update_many(x)
+            arms[arm] = {"count": per_arm, "metrics": {}, "features": {"f": s.to_state()}}
+        t = 1_764_300_000.0 + b * 5
+        recs.append(
+            orjson.dumps(
+                {
+                    "v": 1,
+                    "experiment": "feat",
+                    "offsets": [],
+                    "span": {"min_ts": t, "max_ts": t + 5},
+                    "arms": arms,
+                }
+            )
+        )
+    return recs
+
+
+def test_feature_drift_against_control_pauses_after_consecutive_alarms():
+    e = engine_for(parse_experiments(DRIFT_CONFIG, where="t.yaml"))
+    recs = feature_stream(10, n_batches=60, shift_at=30)
+    before = run(e, recs[:30])
+    assert of_kind(before, "killswitch") == []  # no drift, no alarm over 15 intervals
+    after = run(e, recs[30:], start=30)
+    (ev,) = of_kind(after, "killswitch")
+    d = ev["data"]["decision"]
+    assert d["test"] == "drift" and d["arm"] == "treatment" and d["action"] == "pause"
+    assert d["score"] > d["threshold"]
+    assert ev["data"]["arms"]["treatment"] == "paused"
