@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", type=Path, help="experiments YAML (overrides the settings)")
     p.set_defaults(handler=_run)
 
-    from . import operator, replay
+    from . import operator, replay, simulate_sinks
 
     operator.add_parsers(sub)
     replay.add_parser(sub)
+    simulate_sinks.add_parser(sub)
     return parser
 
 
