@@ -1,6 +1,7 @@
 """Pure statistics for armguard."""
 
 from .alpha import AlphaSplit, split_alpha
+from .calibration_drift import CalibrationDrift
 from .mean_difference import MeanDifferenceTest
 from .proportion_difference import ProportionDifferenceTest
 from .rank_cusum import RankCUSUM
@@ -13,6 +14,7 @@ from .window_drift import WindowDrift
 
 __all__: list[str] = [
     "AlphaSplit",
+    "CalibrationDrift",
     "LogHistogram",
     "MeanDifferenceTest",
     "ProportionDifferenceTest",
