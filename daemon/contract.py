@@ -1,0 +1,690 @@
+"""The pure half of ingest: decode telemetry, check the data contract, fold into summaries.
+
+Nothing here touches Kafka, a clock or a file: records in (anything with ``value``, ``offset``,
+``key`` and ``timestamp`` attributes, such as aiokafka's ``ConsumerRecord``), summary records and
+dead letters out. The ingest stage drives it from ``getmany`` batches; ``armguard replay`` can
+drive it from a recorded file and get the same summaries.
+
+The data contract, checked in this order; the first failure is the record's reason (a short,
+stable code that becomes the ``armguard.reason`` dead-letter header and a metric label):
+
+==================  =====================================================================
+reason              the record
+==================  =====================================================================
+``no_value``        has a null value (a tombstone)
+``too_large``       is longer than ``ingest.max_record_bytes``
+``invalid_json``    is not one JSON document in UTF-8 (also: NaN, Infinity, trailing bytes)
+``not_object``      is JSON but not an object
+``missing_field``   lacks the experiment, arm or event time
+``wrong_type``      has a field of the wrong type: experiment/arm not a string, time not a
+                    number, unit not a string or integer, metrics/features not an object,
+                    a summarised value not a number (booleans are not numbers)
+``unknown_arm``     names an arm its (configured) experiment does not have
+``late``            has an event time more than ``max_lateness_s`` before the reference time
+``future``          has an event time more than ``max_future_skew_s`` after the reference time
+``out_of_range``    has a summarised value outside the configured [min, max] of its metric
+==================  =====================================================================
+
+Telemetry of an experiment that is not configured is *skipped* (reason
+``unknown_experiment``), not dead-lettered: other teams' experiments share the topic. Metrics
+and features a record carries but the experiment does not summarise are ignored. A record is
+folded whole or not at all. JSON numbers cannot be NaN or infinite (orjson refuses them), so
+"finite" holds for every number that reaches a range check.
+
+Event time ``ts`` is seconds since the epoch. Freshness is measured against a reference time:
+by default each record's Kafka timestamp (when it reached Kafka), so a backlog read after an
+outage is not dead-lettered as late and a replay of the same records makes the same verdicts;
+``fold(records, now=...)`` measures against a fixed time instead.
+
+Field paths are configurable (``ingest.experiment_field`` etc.); a dotted path such as
+``ctx.experiment`` reads a nested field.
+
+Examples
+--------
+>>> from armguard.daemon.experiments import parse_experiments
+>>> from armguard.daemon.settings import IngestSettings
+>>> exps = parse_experiments('''
+... experiments:
+...   - id: ranker-v2
+...     control: control
+...     arms: {control: 0.5, treatment: 0.5}
+...     metrics: {latency_ms: {min: 0, max: 60000}}
+... ''', where="inline.yaml")
+>>> contract = Contract(exps, IngestSettings())
+>>> ok = b'{"experiment": "ranker-v2", "arm": "control", "ts": 1000.0, "metrics": {"latency_ms": 42}}'
+>>> contract.decode(ok, now=1001.0)
+Accepted(experiment='ranker-v2', arm='control', ts=1000.0, metrics={'latency_ms': 42}, features={})
+>>> contract.decode(b'{"experiment": "ranker-v2", "arm": "control", "ts": 1000.0, '
+...                 b'"metrics": {"latency_ms": -5}}', now=1001.0)
+Rejected(reason='out_of_range', detail='metrics.latency_ms=-5 outside [0.0, 60000.0]')
+>>> contract.decode(b'{"experiment": "other", "arm": "a", "ts": 1000.0}', now=1001.0)
+Skipped(reason='unknown_experiment', detail='other')
+>>> contract.decode(b'\\xff\\xfe', now=1001.0).reason
+'invalid_json'
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+
+from .experiments import ExperimentsFile
+from .settings import IngestSettings
+from .summarise import summarise_groups
+
+__all__ = [
+    "REASONS",
+    "Accepted",
+    "Contract",
+    "DeadLetter",
+    "Flush",
+    "PartitionAccumulator",
+    "RawRecord",
+    "Rejected",
+    "Skipped",
+    "deadletter_headers",
+    "fold_all",
+]
+
+REASONS = (
+    "no_value",
+    "too_large",
+    "invalid_json",
+    "not_object",
+    "missing_field",
+    "wrong_type",
+    "unknown_arm",
+    "late",
+    "future",
+    "out_of_range",
+)
+SKIP_REASONS = ("unknown_experiment",)
+
+# A metric without a configured range still has one: |x| <= 1e100, so squared deviations in the
+# summaries cannot overflow. orjson never yields inf or NaN.
+_LO = -1e100
+_HI = 1e100
+_DETAIL_CHARS = 200
+
+
+class Accepted(NamedTuple):
+    """A record that passed the contract: the values ingest folds (only summarised names)."""
+
+    experiment: str
+    arm: str
+    ts: float
+    metrics: dict[str, float]
+    features: dict[str, float]
+
+
+class Rejected(NamedTuple):
+    """A record that breaks the contract; it goes to the dead-letter topic."""
+
+    reason: str
+    detail: str
+
+
+class Skipped(NamedTuple):
+    """A record that is not armguard's business (an experiment that is not configured)."""
+
+    reason: str
+    detail: str
+
+
+class RawRecord(NamedTuple):
+    """The attributes of a consumed record that ingest reads (aiokafka's ``ConsumerRecord``
+    has them too); for replay and tests."""
+
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    timestamp: int = 0  # milliseconds since the epoch, as Kafka stores it
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One rejected record and why."""
+
+    record: Any  # the consumed record: value, key, offset, timestamp
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class Flush:
+    """What one flush of one input partition writes, in one transaction.
+
+    ``summaries`` are (key, value) pairs for the summaries topic, one per experiment with data,
+    sorted by experiment; ``commit_offset`` is the consumer offset to commit (``last_offset + 1``).
+    """
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    summaries: list[tuple[bytes, bytes]]
+    deadletters: list[DeadLetter]
+    consumed: int
+    summarised: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def commit_offset(self) -> int:
+        return self.last_offset + 1
+
+    @property
+    def deadlettered(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.deadletters:
+            out[d.reason] = out.get(d.reason, 0) + 1
+        return out
+
+
+def _ranges(contracts: dict[str, Any], names: set[str]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name in sorted(names):
+        c = contracts.get(name)
+        lo = c.min if c is not None and c.min is not None else _LO
+        hi = c.max if c is not None and c.max is not None else _HI
+        out[name] = (float(lo), float(hi))
+    return out
+
+
+class Contract:
+    """The compiled data contract of a set of experiments, and the field paths to read.
+
+    Parameters
+    ----------
+    experiments
+        The validated experiments; their arms, summarised metrics and features, and ranges.
+    ingest
+        The ingest settings: field paths, record size limit, lateness and future skew.
+    relative_accuracy
+        Relative accuracy of the summaries' quantile histograms.
+    """
+
+    def __init__(
+        self,
+        experiments: ExperimentsFile,
+        ingest: IngestSettings,
+        *,
+        relative_accuracy: float = 0.01,
+    ):
+        self.config_version = experiments.version
+        self.relative_accuracy = relative_accuracy
+        self.max_record_bytes = ingest.max_record_bytes
+        self.max_lateness_s = ingest.max_lateness_s
+        self.max_future_skew_s = ingest.max_future_skew_s
+        paths = {
+            "experiment": ingest.experiment_field,
+            "arm": ingest.arm_field,
+            "ts": ingest.ts_field,
+            "unit": ingest.unit_field,
+            "metrics": ingest.metrics_field,
+            "features": ingest.features_field,
+        }
+        for role, path in paths.items():
+            if not path or any(not part for part in path.split(".")):
+                raise ValueError(f"ingest.{role}_field: {path!r} is not a field path like 'a.b'")
+        self.paths = paths
+        self._parts = {role: tuple(p.split(".")) for role, p in paths.items()}
+        self.nested = any(len(parts) > 1 for parts in self._parts.values())
+        # experiment id -> (arm name -> group id, metric ranges, feature ranges). Identical range
+        # tables are shared between experiments: fewer distinct objects touched per record.
+        self._exps: dict[str, tuple[dict[str, int], dict[str, Any], dict[str, Any]]] = {}
+        # group id -> (experiment, arm); group ids of one experiment are consecutive.
+        self._groups: list[tuple[str, str]] = []
+        interned: dict[tuple[Any, ...], dict[str, tuple[float, float]]] = {}
+        metric_names: set[str] = set()
+        feature_names: set[str] = set()
+        for e in experiments.experiments:
+            metrics, features = e.summarised()
+            metric_names |= metrics
+            feature_names |= features
+            mr = _ranges(e.metrics, metrics)
+            fr = _ranges(e.features, features)
+            mr = interned.setdefault(tuple(mr.items()), mr)
+            fr = interned.setdefault(tuple(fr.items()), fr)
+            arms = {}
+            for arm in e.arms:
+                arms[arm] = len(self._groups)
+                self._groups.append((e.id, arm))
+            self._exps[e.id] = (arms, mr, fr)
+        self.metric_names = tuple(sorted(metric_names))
+        self.feature_names = tuple(sorted(feature_names))
+
+    @property
+    def experiment_ids(self) -> list[str]:
+        return list(self._exps)
+
+    def _flatten(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Read the configured (possibly nested) paths into a flat dict keyed by role."""
+        out = {}
+        for role, parts in self._parts.items():
+            v: Any = obj
+            for part in parts:
+                if type(v) is not dict:
+                    v = None
+                    break
+                v = v.get(part)
+            if v is not None:
+                out[role] = v
+        return out
+
+    def decode(self, value: bytes | None, *, now: float) -> Accepted | Rejected | Skipped:
+        """The verdict on one record's value, with event time checked against ``now``.
+
+        Runs the very code the hot path runs (on a scratch accumulator), so what it says is what
+        ingest does. Never raises.
+        """
+        acc = PartitionAccumulator(self, "decode", 0)
+        acc.fold([RawRecord(0, value)], now=now)
+        if acc._deadletters:
+            d = acc._deadletters[0]
+            return Rejected(d.reason, d.detail)
+        if acc._skipped:
+            return Skipped("unknown_experiment", acc._skipped_detail)
+        exp, arm = self._groups[acc._gids[0]]
+        metrics = {n: col[0][0] for n, col in acc._mcols.items() if col[0]}
+        features = {n: col[0][0] for n, col in acc._fcols.items() if col[0]}
+        return Accepted(exp, arm, acc._ts[0], metrics, features)
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+class PartitionAccumulator:
+    """Valid records of one input partition since its last flush, held in columns.
+
+    The hot loop appends to a handful of flat lists whatever the number of experiments: per
+    accepted record its group (experiment, arm) and event time, per summarised value the value
+    and its group. :meth:`drain` groups them with one sort per metric and summarises every group
+    in one vectorised pass (:func:`~armguard.daemon.summarise.summarise_groups`). Memory is a few
+    machine words per value, bounded by the flush size (``ingest.max_pending_records``).
+
+    Parameters
+    ----------
+    contract
+        The compiled contract.
+    topic, partition
+        The input partition this accumulator covers (written into the summaries).
+    """
+
+    def __init__(self, contract: Contract, topic: str, partition: int):
+        self.contract = contract
+        self.topic = topic
+        self.partition = partition
+        self.next_offset: int | None = None  # the first offset not folded yet
+        self._reset()
+
+    def _reset(self) -> None:
+        c = self.contract
+        self._gids: list[int] = []
+        self._ts: list[float] = []
+        # name -> (values, groups)
+        self._mcols: dict[str, tuple[list[Any], list[int]]] = {n: ([], []) for n in c.metric_names}
+        self._fcols: dict[str, tuple[list[Any], list[int]]] = {n: ([], []) for n in c.feature_names}
+        self._deadletters: list[DeadLetter] = []
+        self._skipped = 0
+        self._skipped_detail = ""
+        self.consumed = 0
+        self.first_offset: int | None = None
+        self.last_offset: int | None = None
+
+    @property
+    def pending(self) -> int:
+        """Records folded since the last drain (each holds memory until the flush)."""
+        return self.consumed
+
+    def fold(self, records: Sequence[Any], now: float | None = None) -> int:
+        """Fold a batch of records of this partition, in offset order; return how many were new.
+
+        Records at offsets below :attr:`next_offset` (already folded) are ignored, so a batch
+        fetched twice around a rebalance cannot count twice. ``now`` (seconds) is the reference
+        time of the freshness check; ``None`` uses each record's Kafka timestamp. Never raises on
+        any record content.
+        """
+        if not records:
+            return 0
+        nxt = self.next_offset
+        if nxt is not None and records[0].offset < nxt:
+            records = [r for r in records if r.offset >= nxt]
+            if not records:
+                return 0
+        c = self.contract
+        loads = orjson.loads
+        json_error = orjson.JSONDecodeError
+        exps_get = c._exps.get
+        mcols = self._mcols
+        fcols = self._fcols
+        gid_append = self._gids.append
+        ts_append = self._ts.append
+        dead = self._deadletters.append
+        max_bytes = c.max_record_bytes
+        late = c.max_lateness_s
+        skew = c.max_future_skew_s
+        nested = c.nested
+        flatten = c._flatten
+        if nested:
+            k_exp, k_arm, k_ts, k_unit = "experiment", "arm", "ts", "unit"
+            k_met, k_feat = "metrics", "features"
+        else:
+            p = c.paths
+            k_exp, k_arm, k_ts, k_unit = p["experiment"], p["arm"], p["ts"], p["unit"]
+            k_met, k_feat = p["metrics"], p["features"]
+        skipped = 0
+        skipped_exp = None
+
+        for rec in records:
+            value = rec.value
+            if value is None:
+                dead(DeadLetter(rec, "no_value", "the record has a null value"))
+                continue
+            if len(value) > max_bytes:
+                dead(DeadLetter(rec, "too_large", f"{len(value)} bytes > {max_bytes}"))
+                continue
+            try:
+                obj = loads(value)
+            except json_error as exc:
+                dead(DeadLetter(rec, "invalid_json", _clip(str(exc))))
+                continue
+            if type(obj) is not dict:
+                dead(DeadLetter(rec, "not_object", f"a JSON {_kind(obj)}, not an object"))
+                continue
+            if nested:
+                obj = flatten(obj)
+
+            exp = obj.get(k_exp)
+            info = exps_get(exp) if type(exp) is str else None
+            if info is None:
+                if type(exp) is str:
+                    skipped += 1
+                    skipped_exp = exp
+                else:
+                    dead(_field_rejection(rec, c.paths["experiment"], exp, "string"))
+                continue
+            arms, mranges, franges = info
+            arm = obj.get(k_arm)
+            gid = arms.get(arm) if type(arm) is str else None
+            if gid is None:
+                if type(arm) is str:
+                    dead(DeadLetter(rec, "unknown_arm", _clip(f"{exp}/{arm}")))
+                else:
+                    dead(_field_rejection(rec, c.paths["arm"], arm, "string"))
+                continue
+            ts = obj.get(k_ts)
+            tt = type(ts)
+            if tt is not float and tt is not int:
+                dead(_field_rejection(rec, c.paths["ts"], ts, "number"))
+                continue
+            ref = now if now is not None else rec.timestamp * 0.001
+            if ts < ref - late:
+                dead(DeadLetter(rec, "late", f"{c.paths['ts']}={ts} is {ref - ts:.0f} s old"))
+                continue
+            if ts > ref + skew:
+                dead(DeadLetter(rec, "future", f"{c.paths['ts']}={ts} is {ts - ref:.0f} s ahead"))
+                continue
+            unit = obj.get(k_unit)
+            if unit is not None and type(unit) is not str and type(unit) is not int:
+                dead(DeadLetter(rec, "wrong_type", f"{c.paths['unit']}: {_kind(unit)}"))
+                continue
+            m = obj.get(k_met)
+            f = obj.get(k_feat)
+            if m is not None and type(m) is not dict:
+                dead(DeadLetter(rec, "wrong_type", f"{c.paths['metrics']}: {_kind(m)}"))
+                continue
+            if f is not None and type(f) is not dict:
+                dead(DeadLetter(rec, "wrong_type", f"{c.paths['features']}: {_kind(f)}"))
+                continue
+
+            bad = None
+            if m:
+                for name, v in m.items():
+                    r = mranges.get(name)
+                    if r is None:
+                        continue
+                    tv = type(v)
+                    if (tv is float or tv is int) and r[0] <= v <= r[1]:
+                        col = mcols[name]
+                        col[0].append(v)
+                        col[1].append(gid)
+                    else:
+                        bad = ("metrics", name, v, r)
+                        break
+            if f and bad is None:
+                for name, v in f.items():
+                    r = franges.get(name)
+                    if r is None:
+                        continue
+                    tv = type(v)
+                    if (tv is float or tv is int) and r[0] <= v <= r[1]:
+                        col = fcols[name]
+                        col[0].append(v)
+                        col[1].append(gid)
+                    else:
+                        bad = ("features", name, v, r)
+                        break
+            if bad is not None:
+                self._rollback(m, mranges, f, franges, bad)
+                dead(_value_rejection(rec, c.paths[bad[0]], bad))
+                continue
+            gid_append(gid)
+            ts_append(ts)
+
+        n = len(records)
+        if self.first_offset is None:
+            self.first_offset = records[0].offset
+        self.last_offset = records[-1].offset
+        self.next_offset = self.last_offset + 1
+        self.consumed += n
+        if skipped:
+            self._skipped += skipped
+            self._skipped_detail = _clip(str(skipped_exp))
+        return n
+
+    def _rollback(
+        self,
+        m: dict[str, Any] | None,
+        mranges: dict[str, Any],
+        f: dict[str, Any] | None,
+        franges: dict[str, Any],
+        bad: tuple[str, str, Any, Any],
+    ) -> None:
+        """Undo the appends of a record that failed part-way (rare: only rejected records)."""
+        where, bad_name = bad[0], bad[1]
+        for section, values, ranges, cols in (
+            ("metrics", m, mranges, self._mcols),
+            ("features", f, franges, self._fcols),
+        ):
+            if not values:
+                continue
+            for name in values:
+                if section == where and name == bad_name:
+                    return
+                if name in ranges:
+                    col = cols[name]
+                    col[0].pop()
+                    col[1].pop()
+
+    def drain(self) -> Flush | None:
+        """Summarise what was folded since the last drain and start afresh; ``None`` if nothing
+        was consumed."""
+        if not self.consumed:
+            return None
+        # Building the states allocates ~10 containers per group and none of them can form a
+        # cycle: the cyclic collector would only rescan them (3x the drain time at 10,000
+        # experiments). drain is synchronous, so nothing else runs while it is off.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._drain()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _drain(self) -> Flush:
+        c = self.contract
+        ra = c.relative_accuracy
+        summaries: list[tuple[bytes, bytes]] = []
+        summarised = len(self._gids)
+        if summarised:
+            gids = np.array(self._gids, dtype=np.int64)
+            ts = np.array(self._ts, dtype=np.float64)
+            labels, starts, counts = _segments(gids)
+            order = np.argsort(gids, kind="stable")
+            ts_sorted = ts[order]
+            tmin = np.minimum.reduceat(ts_sorted, starts).tolist()
+            tmax = np.maximum.reduceat(ts_sorted, starts).tolist()
+            arms_out: dict[int, dict[str, Any]] = {}
+            for g, n in zip(labels.tolist(), counts.tolist(), strict=True):
+                arms_out[g] = {"count": n, "metrics": {}, "features": {}}
+            for section, cols in (("metrics", self._mcols), ("features", self._fcols)):
+                for name, (vals, grp) in cols.items():
+                    if not vals:
+                        continue
+                    ids, states = summarise_groups(
+                        np.array(vals, dtype=np.float64),
+                        np.array(grp, dtype=np.int64),
+                        relative_accuracy=ra,
+                    )
+                    for g, st in zip(ids.tolist(), states, strict=True):
+                        arms_out[g][section][name] = st
+            offsets = [
+                {
+                    "topic": self.topic,
+                    "partition": self.partition,
+                    "first": self.first_offset,
+                    "last": self.last_offset,
+                }
+            ]
+            source = {"topic": self.topic, "partition": self.partition}
+            groups = c._groups
+            # Group ids of one experiment are consecutive, so the arms of an experiment are
+            # adjacent in the ascending labels.
+            current: dict[str, Any] | None = None
+            records: list[dict[str, Any]] = []
+            for j, g in enumerate(labels.tolist()):
+                exp, arm = groups[g]
+                if current is None or current["experiment"] != exp:
+                    current = {
+                        "v": 1,
+                        "experiment": exp,
+                        "config_version": c.config_version,
+                        "source": source,
+                        "offsets": offsets,
+                        "span": {"min_ts": tmin[j], "max_ts": tmax[j]},
+                        "arms": {},
+                    }
+                    records.append(current)
+                span = current["span"]
+                span["min_ts"] = min(span["min_ts"], tmin[j])
+                span["max_ts"] = max(span["max_ts"], tmax[j])
+                current["arms"][arm] = arms_out[g]
+            records.sort(key=lambda r: r["experiment"])
+            dumps = orjson.dumps
+            opt = orjson.OPT_SORT_KEYS
+            summaries = [(r["experiment"].encode(), dumps(r, option=opt)) for r in records]
+        assert self.first_offset is not None and self.last_offset is not None
+        out = Flush(
+            topic=self.topic,
+            partition=self.partition,
+            first_offset=self.first_offset,
+            last_offset=self.last_offset,
+            summaries=summaries,
+            deadletters=self._deadletters,
+            consumed=self.consumed,
+            summarised=summarised,
+            skipped={"unknown_experiment": self._skipped} if self._skipped else {},
+        )
+        self._reset()
+        return out
+
+    def discard(self) -> None:
+        """Drop what was folded since the last drain (its transaction was aborted); the caller
+        rewinds the consumer to the returned offset, from which :meth:`fold` accepts records
+        again."""
+        first = self.first_offset
+        self._reset()
+        if first is not None:
+            self.next_offset = first
+
+
+def _segments(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct labels ascending, the start of each in the sorted order, and their counts."""
+    s = np.sort(labels, kind="stable")
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    counts = np.diff(np.r_[starts, s.shape[0]])
+    return s[starts], starts, counts
+
+
+def _field_rejection(rec: Any, path: str, v: Any, want: str) -> DeadLetter:
+    if v is None:
+        return DeadLetter(rec, "missing_field", path)
+    return DeadLetter(rec, "wrong_type", f"{path}: {_kind(v)}, not {want}")
+
+
+def _value_rejection(rec: Any, path: str, bad: tuple[str, str, Any, Any]) -> DeadLetter:
+    _, name, v, (lo, hi) = bad
+    tv = type(v)
+    if tv is not float and tv is not int:
+        return DeadLetter(rec, "wrong_type", _clip(f"{path}.{name}: {_kind(v)}, not number"))
+    return DeadLetter(rec, "out_of_range", _clip(f"{path}.{name}={v!r} outside [{lo!r}, {hi!r}]"))
+
+
+def deadletter_headers(
+    d: DeadLetter, *, topic: str, partition: int, config_version: str, max_record_bytes: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The dead-letter record's value and headers.
+
+    The value is the original bytes, unchanged, so a fixed record can be re-produced as is;
+    a record over ``max_record_bytes`` is dead-lettered with a null value (the headers point at
+    it in the source topic). Headers: ``armguard.reason``, ``armguard.source.topic``,
+    ``armguard.source.partition``, ``armguard.source.offset`` and ``armguard.envelope``, a small
+    JSON object with all of these plus the detail, the original size and timestamp, whether the
+    value is included, and the config version.
+    """
+    rec = d.record
+    value = rec.value
+    size = len(value) if value is not None else 0
+    included = value is not None and size <= max_record_bytes
+    envelope = {
+        "v": 1,
+        "reason": d.reason,
+        "detail": d.detail,
+        "source": {
+            "topic": topic,
+            "partition": partition,
+            "offset": rec.offset,
+            "timestamp": rec.timestamp,
+        },
+        "size": size,
+        "value_included": included,
+        "config_version": config_version,
+    }
+    headers = [
+        ("armguard.reason", d.reason.encode()),
+        ("armguard.source.topic", topic.encode()),
+        ("armguard.source.partition", str(partition).encode()),
+        ("armguard.source.offset", str(rec.offset).encode()),
+        ("armguard.envelope", orjson.dumps(envelope)),
+    ]
+    return (value if included else None), headers
+
+
+def fold_all(
+    contract: Contract, topic: str, partition: int, records: Iterable[Any], now: float | None = None
+) -> Flush | None:
+    """Convenience for replay and tests: fold ``records`` of one partition and drain once."""
+    acc = PartitionAccumulator(contract, topic, partition)
+    acc.fold(list(records), now=now)
+    return acc.drain()
