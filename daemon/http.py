@@ -189,6 +189,11 @@ class HttpServer:
             allowed.add("HEAD")
         self._routes[path] = _Route(handler, frozenset(allowed), public)
 
+    @property
+    def routes(self) -> list[str]:
+        """The served paths, sorted."""
+        return sorted(self._routes)
+
     def _metrics(self, request: Request) -> Response:
         # Rendered on the event loop on purpose: collectors read the evaluator's live state.
         return Response(200, generate_latest(self.registry), METRICS_CONTENT_TYPE)
@@ -205,7 +210,7 @@ class HttpServer:
         return Response.json(self.status.status())
 
     def _index(self, request: Request) -> Response:
-        return Response.text("armguard\n" + "".join(f"{p}\n" for p in sorted(self._routes)))
+        return Response.text("armguard\n" + "".join(f"{p}\n" for p in self.routes))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
