@@ -63,6 +63,7 @@ from .settings import problems_from_validation
 
 __all__ = [
     "BAD_KINDS",
+    "INGEST_REASONS",
     "BadRecords",
     "Batch",
     "Bernoulli",
@@ -77,6 +78,7 @@ __all__ = [
     "Srm",
     "load_scenario",
     "parse_scenario",
+    "validate_scenario",
 ]
 
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -88,7 +90,7 @@ BAD_KINDS: dict[str, str] = {
     "malformed_json": "the record's JSON cut in half: not valid JSON",
     "invalid_utf8": "bytes that are not UTF-8 before the JSON",
     "not_an_object": "a JSON array holding the record instead of an object",
-    "missing_field": "one required field (experiment, arm, ts or metrics) removed",
+    "missing_field": "one required field (experiment, arm or ts) removed",
     "wrong_type": 'ts is a string ("yesterday") instead of a number',
     "out_of_range": "a metric (or feature) outside its configured min/max",
     "unknown_arm": 'arm "no-such-arm", not an arm of the experiment',
@@ -97,6 +99,21 @@ BAD_KINDS: dict[str, str] = {
     "unknown_experiment": 'experiment "no-such-experiment": skipped by ingest, not dead-lettered',
 }
 _BAD_NAMES = tuple(BAD_KINDS)
+
+#: The reason the ingest data contract gives each kind of bad record (``unknown_experiment`` is
+#: a skip reason, the others are dead-letter reasons).
+INGEST_REASONS: dict[str, str] = {
+    "malformed_json": "invalid_json",
+    "invalid_utf8": "invalid_json",
+    "not_an_object": "not_object",
+    "missing_field": "missing_field",
+    "wrong_type": "wrong_type",
+    "out_of_range": "out_of_range",
+    "unknown_arm": "unknown_arm",
+    "stale_ts": "late",
+    "future_ts": "future",
+    "unknown_experiment": "unknown_experiment",
+}
 BadKind = Literal[
     "malformed_json",
     "invalid_utf8",
@@ -394,7 +411,11 @@ def _problems(exc: ValidationError, where: str) -> list[ConfigProblem]:
         ]
         field = _dotted(keep)
         msg = p.message
-        if err["type"] == "union_tag_not_found":
+        if err["type"] == "unexpected_keyword_argument":
+            msg = "unknown key; remove it or check its spelling"
+        elif err["type"] == "missing_argument":
+            msg = "required field is missing"
+        elif err["type"] == "union_tag_not_found":
             tag = err.get("ctx", {}).get("discriminator", "")
             tag = tag.strip("'")
             allowed = (
@@ -957,7 +978,7 @@ class Simulation:
             return orjson.dumps([_nest(record) if self._nested else record])
         bad = dict(record)
         if kind == "missing_field":
-            required = (f.experiment, f.arm, f.ts, f.metrics)
+            required = (f.experiment, f.arm, f.ts)
             del bad[required[r % len(required)]]
         elif kind == "wrong_type":
             bad[f.ts] = "yesterday"

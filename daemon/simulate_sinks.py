@@ -359,23 +359,29 @@ def run_cli(args: Any) -> int:
         def on_signal(signum: int, frame: Any) -> None:
             stop["now"] = True
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         to_stdout = args.output in (None, "-")
         try:
             if to_stdout:
+                where = "stdout"
                 report = write_jsonl(
                     sim, sys.stdout.buffer, pacer=pacer, should_stop=lambda: stop["now"]
                 )
-                where = "stdout"
             else:
+                where = str(args.output)
                 with Path(args.output).open("wb") as out:
                     report = write_jsonl(sim, out, pacer=pacer, should_stop=lambda: stop["now"])
-                where = str(args.output)
         except BrokenPipeError:
-            # The reader went away (`armguard simulate | head`): not an error.
-            sys.stderr.close()
+            # The reader went away (`armguard simulate | head`): not an error. Point stdout at
+            # /dev/null so the interpreter's final flush does not fail again.
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
             return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         print(report.line(where), file=sys.stderr)
         return 0
 
