@@ -162,7 +162,7 @@ def kafka_partition(key: bytes, partitions: int) -> int:
     """The partition the Java client (and aiokafka's default partitioner) gives ``key``.
 
     >>> kafka_partition(b"u42", 6)
-    4
+    5
     """
     from aiokafka.partitioner import murmur2
 
