@@ -8,9 +8,10 @@ import math
 import numpy as np
 import orjson
 import pytest
-from armguard.detectors.summary import LogHistogram, Summary
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from armguard.detectors.summary import LogHistogram, Summary
 
 finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False, allow_infinity=False)
 positive = st.floats(min_value=1e-6, max_value=1e9, allow_nan=False, allow_infinity=False)
