@@ -1,0 +1,388 @@
+"""Stage 1, ingest: the Kafka edge around :class:`~armguard.daemon.contract.PartitionAccumulator`.
+
+It consumes the telemetry topics (names or a pattern) in a consumer group, ``read_committed``,
+in ``getmany`` batches, and folds each partition's records into that partition's accumulator.
+A partition is flushed every ``flush_interval_s``, when it holds ``max_pending_records``, when
+all partitions together hold that many (memory stays bounded whatever the input rate: while a
+flush runs nothing is fetched into the accumulators), on revocation and on shutdown. A flush is
+one Kafka transaction of that partition's own transactional producer: one summary record per
+experiment to ``armguard.summaries``, the dead letters to ``armguard.deadletter`` and the
+partition's consumed offset (``send_offsets_to_transaction``).
+
+Exactly once, across crashes, restarts, rebalances and zombies:
+
+* The ``transactional.id`` is ``<group>-<topic>-<partition>``. On assignment the new owner
+  starts that producer first (``init_transactions`` fences any zombie still holding it and
+  aborts or completes its open transaction), then reads the partition's committed offset and
+  seeks there. A zombie's later commit fails with ``ProducerFenced``; it drops the partition.
+* aiokafka fetches committed positions before the assignment callback runs, so the explicit
+  seek after ``init_transactions`` is what makes the start offset final.
+* A batch fetched while a rebalance ran is dropped (it is re-read from the committed offset),
+  and an accumulator ignores offsets it already folded.
+* If a flush fails for another reason, its transaction is aborted, the partition rewinds to
+  the first offset of the flush and the records are folded again; after
+  ``_MAX_CONSECUTIVE_FAILURES`` failures in a row the stage stops loudly.
+
+Reconciliation: per topic, ``records_consumed = records_summarised + records_deadlettered +
+records_skipped``; the counters move when a transaction commits, so aborted work is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+)
+
+from .contract import Contract, Flush, PartitionAccumulator, deadletter_headers
+from .errors import KafkaUnavailable
+from .experiments import ExperimentsFile
+from .health import Health
+from .kafka import (
+    consumer_group_options,
+    ensure_topics,
+    kafka_options,
+    transactional_producer_options,
+)
+from .metrics import Metrics
+from .settings import Settings
+
+__all__ = ["IngestStage", "ingest_transactional_id"]
+
+log = logging.getLogger("armguard.ingest")
+
+_FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
+_MAX_CONSECUTIVE_FAILURES = 5
+
+
+def ingest_transactional_id(group_id: str, topic: str, partition: int) -> str:
+    """The transactional id of the producer that owns one input partition."""
+    return f"{group_id}-{topic}-{partition}"
+
+
+class _Listener(ConsumerRebalanceListener):
+    """aiokafka logs and swallows exceptions of these callbacks; the stage re-raises them."""
+
+    def __init__(self, stage: IngestStage):
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        try:
+            await self.stage._revoke(set(revoked))
+        except BaseException as exc:
+            self.stage._listener_error = exc
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        try:
+            await self.stage._assign(set(assigned))
+        except BaseException as exc:
+            self.stage._listener_error = exc
+
+
+class IngestStage:
+    """Telemetry in; summaries, dead letters and offsets out, one transaction per flush."""
+
+    name = "ingest"
+
+    def __init__(
+        self,
+        settings: Settings,
+        experiments: ExperimentsFile,
+        metrics: Metrics,
+        health: Health,
+    ):
+        self.settings = settings
+        self.cfg = settings.ingest
+        self.topics = settings.topics
+        self.metrics = metrics
+        self.health = health
+        self.contract = Contract(experiments, self.cfg)
+        self._kafka = kafka_options(settings.kafka)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._accs: dict[TopicPartition, PartitionAccumulator] = {}
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._flushed_at: dict[TopicPartition, float] = {}
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._listener_error: BaseException | None = None
+        self._failures = 0
+        # Totals for the shutdown line, counted at commit like the metrics.
+        self.totals: dict[str, int] = defaultdict(int)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self.health.set_ready(self.name, False)
+        await self._ensure_output_topics()
+        consumer = AIOKafkaConsumer(
+            **self._kafka,
+            **consumer_group_options(self.settings.kafka),
+            group_id=self.cfg.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            fetch_max_bytes=self.cfg.fetch_max_bytes,
+            max_partition_fetch_bytes=self.cfg.max_partition_fetch_bytes,
+            max_poll_records=self.cfg.max_batch_records,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        try:
+            if self.topics.telemetry_pattern:
+                consumer.subscribe(pattern=self.topics.telemetry_pattern, listener=_Listener(self))
+            else:
+                consumer.subscribe(topics=list(self.topics.telemetry), listener=_Listener(self))
+            stall = max(30.0, 3 * self.cfg.flush_interval_s)
+            while not stop.is_set():
+                self._check_listener()
+                self.health.beat(self.name, stall_after_s=stall)
+                generation = self._generation
+                # Never fetch more than fits under the flush bound: pending records (and so
+                # memory) stay at most max_pending_records; _flush_due made room.
+                room = self.cfg.max_pending_records - sum(a.pending for a in self._accs.values())
+                batches = await consumer.getmany(
+                    timeout_ms=self.cfg.poll_timeout_ms,
+                    max_records=max(1, min(self.cfg.max_batch_records, room)),
+                )
+                self._check_listener()
+                async with self._lock:
+                    if batches and generation == self._generation:
+                        started = time.perf_counter()
+                        self._fold(batches)
+                        self.metrics.batch_duration.labels(stage=self.name).observe(
+                            time.perf_counter() - started
+                        )
+                    await self._flush_due()
+                if not consumer.assignment() and self._generation:
+                    self.health.set_ready(self.name, True)  # joined, owning nothing
+                self._export_lag(consumer)
+            # SIGTERM: no more fetching; commit what was folded, then leave the group.
+            async with self._lock:
+                for tp in list(self._accs):
+                    await self._flush(tp)
+        finally:
+            self.health.done(self.name)
+            self.health.set_ready(self.name, False)
+            async with self._lock:
+                for tp in list(self._producers):
+                    await self._close_partition(tp)
+            await consumer.stop()
+            self._consumer = None
+
+    def summary(self) -> str:
+        t = self.totals
+        return (
+            f"ingest: {t['consumed']} consumed = {t['summarised']} summarised + "
+            f"{t['deadlettered']} dead-lettered + {t['skipped']} skipped; "
+            f"{t['transactions']} transactions, {t['summaries']} summaries, "
+            f"{t['aborted']} aborted, {t['fenced']} fenced"
+        )
+
+    def _check_listener(self) -> None:
+        if self._listener_error is not None:
+            exc, self._listener_error = self._listener_error, None
+            raise exc
+
+    async def _ensure_output_topics(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**self._kafka)
+        await admin.start()
+        try:
+            await ensure_topics(
+                admin, self.settings, names=[self.topics.summaries, self.topics.deadletter]
+            )
+        finally:
+            await admin.close()
+
+    # -- partitions ---------------------------------------------------------------------------
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        self.health.set_ready(self.name, False)
+        async with self._lock:
+            self._generation += 1
+            new = sorted(assigned - set(self._producers))
+            producers = {
+                tp: AIOKafkaProducer(
+                    **transactional_producer_options(
+                        self.settings,
+                        ingest_transactional_id(self.cfg.group_id, tp.topic, tp.partition),
+                    )
+                )
+                for tp in new
+            }
+            # init_transactions (in start) fences a zombie holding the id and settles its open
+            # transaction; only then is the committed offset final.
+            results = await asyncio.gather(
+                *(p.start() for p in producers.values()), return_exceptions=True
+            )
+            for (tp, p), res in zip(producers.items(), results, strict=True):
+                if isinstance(res, BaseException):
+                    for q in producers.values():
+                        await q.stop()
+                    raise res
+                self._producers[tp] = p
+            for tp in new:
+                committed = await consumer.committed(tp)
+                if committed is None:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, committed)
+                acc = PartitionAccumulator(self.contract, tp.topic, tp.partition)
+                acc.next_offset = committed
+                self._accs[tp] = acc
+                self._flushed_at[tp] = time.monotonic()
+            log.info("assigned %d partition(s): %s", len(new), _names(new))
+        self.health.set_ready(self.name, True)
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            self._generation += 1
+            for tp in sorted(revoked & set(self._producers)):
+                # Commit what was folded: the next owner starts right after it.
+                await self._flush(tp)
+                await self._close_partition(tp)
+
+    async def _close_partition(self, tp: TopicPartition) -> None:
+        self._accs.pop(tp, None)
+        self._flushed_at.pop(tp, None)
+        self.metrics.consumer_lag.remove(self.cfg.group_id, tp.topic, str(tp.partition))
+        producer = self._producers.pop(tp, None)
+        if producer is not None:
+            await producer.stop()
+
+    # -- the hot path -------------------------------------------------------------------------
+    def _fold(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        accs = self._accs
+        for tp, records in batches.items():
+            acc = accs.get(tp)
+            if acc is not None:  # else: revoked meanwhile; the new owner re-reads it
+                acc.fold(records)
+
+    async def _flush_due(self) -> None:
+        if not self._accs:
+            return
+        now = time.monotonic()
+        interval = self.cfg.flush_interval_s
+        limit = self.cfg.max_pending_records
+        total = sum(a.pending for a in self._accs.values())
+        for tp, acc in list(self._accs.items()):
+            if not acc.pending:
+                self._flushed_at[tp] = now
+                continue
+            if total >= limit or acc.pending >= limit or now - self._flushed_at[tp] >= interval:
+                await self._flush(tp)
+
+    async def _flush(self, tp: TopicPartition) -> None:
+        """One transaction: the partition's summaries, dead letters and consumed offset."""
+        acc = self._accs.get(tp)
+        producer = self._producers.get(tp)
+        if acc is None or producer is None:
+            return
+        self._flushed_at[tp] = time.monotonic()
+        flush = acc.drain()
+        if flush is None:
+            return
+        started = time.perf_counter()
+        try:
+            # The context aborts on an error unless the producer is fenced (fatal).
+            async with producer.transaction():
+                await self._send(producer, flush)
+                await producer.send_offsets_to_transaction(
+                    {tp: flush.commit_offset}, self.cfg.group_id
+                )
+        except _FENCED as exc:
+            # Another instance owns the partition now; what was folded is its to re-read.
+            log.warning("%s: fenced (%r); dropping the partition", _name(tp), exc)
+            self.totals["fenced"] += 1
+            self.metrics.transactions.labels(stage=self.name, outcome="failed").inc()
+            await self._close_partition(tp)
+            return
+        except KafkaError as exc:
+            self._failures += 1
+            self.totals["aborted"] += 1
+            self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
+            log.warning(
+                "%s: flush failed (%r), aborted; rewinding to offset %d",
+                _name(tp),
+                exc,
+                flush.first_offset,
+            )
+            if self._failures >= _MAX_CONSECUTIVE_FAILURES:
+                raise KafkaUnavailable(
+                    f"{self._failures} flushes in a row failed; last: {exc!r}"
+                ) from exc
+            acc.next_offset = flush.first_offset
+            if self._consumer is not None:
+                self._consumer.seek(tp, flush.first_offset)
+            return
+        self._failures = 0
+        self._committed(flush, time.perf_counter() - started)
+
+    async def _send(self, producer: AIOKafkaProducer, flush: Flush) -> None:
+        summaries_topic = self.topics.summaries
+        for key, value in flush.summaries:
+            await producer.send(summaries_topic, value, key=key)
+        if flush.deadletters:
+            dl_topic = self.topics.deadletter
+            for d in flush.deadletters:
+                value, headers = deadletter_headers(
+                    d,
+                    topic=flush.topic,
+                    partition=flush.partition,
+                    config_version=self.contract.config_version,
+                    max_record_bytes=self.cfg.max_record_bytes,
+                )
+                key = d.record.key
+                if value is None and key is None:
+                    key = b""  # Kafka needs a key or a value; the headers say where it came from
+                await producer.send(dl_topic, value, key=key, headers=headers)
+
+    def _committed(self, flush: Flush, seconds: float) -> None:
+        m = self.metrics
+        topic = flush.topic
+        m.transactions.labels(stage=self.name, outcome="committed").inc()
+        m.transaction_duration.labels(stage=self.name).observe(seconds)
+        m.records_consumed.labels(topic=topic).inc(flush.consumed)
+        if flush.summarised:
+            m.records_summarised.labels(topic=topic).inc(flush.summarised)
+        dead = flush.deadlettered
+        for reason, n in dead.items():
+            m.records_deadlettered.labels(topic=topic, reason=reason).inc(n)
+        for reason, n in flush.skipped.items():
+            m.records_skipped.labels(topic=topic, reason=reason).inc(n)
+        if flush.summaries:
+            m.summaries_written.inc(len(flush.summaries))
+        t = self.totals
+        t["transactions"] += 1
+        t["summaries"] += len(flush.summaries)
+        t["consumed"] += flush.consumed
+        t["summarised"] += flush.summarised
+        t["deadlettered"] += sum(dead.values())
+        t["skipped"] += sum(flush.skipped.values())
+
+    def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp, acc in self._accs.items():
+            high = consumer.highwater(tp)
+            if high is None or acc.next_offset is None:
+                continue
+            self.metrics.consumer_lag.labels(
+                group=self.cfg.group_id, topic=tp.topic, partition=str(tp.partition)
+            ).set(max(0, high - acc.next_offset))
+
+
+def _name(tp: TopicPartition) -> str:
+    return f"{tp.topic}[{tp.partition}]"
+
+
+def _names(tps: list[TopicPartition]) -> str:
+    return ", ".join(_name(tp) for tp in tps) or "none"

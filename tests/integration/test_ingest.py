@@ -1,0 +1,188 @@
+"""Ingest on the real broker: mixed telemetry in, summaries and dead letters out, counts
+reconcile, and the summaries equal those of folding the whole input in one go."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from armguard.daemon.contract import REASONS, Contract
+from armguard.daemon.health import Health
+from armguard.daemon.ingest import IngestStage
+from armguard.daemon.metrics import Metrics
+from armguard.daemon.settings import Settings
+
+from .ingest_support import (
+    assert_offsets_tile,
+    assert_same_summaries,
+    bad_records,
+    committed,
+    end_offsets,
+    experiments,
+    good_records,
+    merge_summaries,
+    produce,
+    read_topic,
+    reference,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _settings(bootstrap: str, topic: str, summaries: str, deadletter: str, group: str, **ingest):
+    return Settings(
+        kafka={"bootstrap_servers": bootstrap, "session_timeout_ms": 6000},
+        topics={"telemetry": [topic], "summaries": summaries, "deadletter": deadletter},
+        ingest={"group_id": group, "flush_interval_s": 0.3, **ingest},
+        evaluate={"enabled": False},
+    )
+
+
+async def test_mixed_telemetry_reconciles_and_summaries_equal_one_pass(
+    kafka_bootstrap, admin, make_topic, unique
+):
+    from aiokafka.admin import NewTopic
+
+    topic = f"telemetry-{unique}"
+    await admin.create_topics(
+        [NewTopic(topic, 2, 1, topic_configs={"max.message.bytes": str(12 * 1024 * 1024)})]
+    )
+    summaries = await make_topic("summaries", partitions=2)
+    deadletter = f"deadletter-{unique}"
+    await admin.create_topics(
+        [NewTopic(deadletter, 1, 1, topic_configs={"max.message.bytes": str(4 * 1024 * 1024)})]
+    )
+    group = f"ingest-{unique}"
+    now = time.time()
+    bad = bad_records(now)
+    values: list[bytes | None] = list(good_records(3000, now))
+    # Interleave the bad ones so they land in both partitions, between good records.
+    expected_dead: dict[str, int] = {}
+    step = 0
+    for reason, recs in bad.items():
+        for r in recs:
+            step += 97
+            values.insert(step % len(values), r)
+            if reason != "skipped":
+                expected_dead[reason] = expected_dead.get(reason, 0) + 1
+    await produce(kafka_bootstrap, topic, values, partitions=2, max_request_size=12 * 1024 * 1024)
+    ends = await end_offsets(kafka_bootstrap, topic, 2)
+    assert sum(ends.values()) == len(values)
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    health = Health()
+    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    stage = IngestStage(settings, experiments(), metrics, health)
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        await wait_for(
+            lambda: _caught_up(admin, group, topic, ends, task), "offsets committed to the end"
+        )
+        assert health.ready
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    try:
+        # Reconciliation: consumed = summarised + dead-lettered + skipped, from the metrics.
+        def val(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, {"topic": topic, **labels}) or 0.0
+
+        consumed = val("armguard_records_consumed_total")
+        summarised = val("armguard_records_summarised_total")
+        dead = {r: val("armguard_records_deadlettered_total", reason=r) for r in REASONS}
+        skipped = val("armguard_records_skipped_total", reason="unknown_experiment")
+        assert consumed == len(values)
+        assert summarised == 3000
+        assert skipped == len(bad["skipped"])
+        assert consumed == summarised + sum(dead.values()) + skipped
+        assert {r: int(n) for r, n in dead.items() if n} == expected_dead
+        assert "consumed" in stage.summary()
+
+        # Dead letters: original bytes (null for the 10 MB one), reason and source in headers.
+        letters = await read_topic(kafka_bootstrap, deadletter)
+        assert len(letters) == sum(expected_dead.values())
+        by_reason: dict[str, list] = {}
+        for rec in letters:
+            h = dict(rec.headers)
+            env = orjson.loads(h["armguard.envelope"])
+            assert env["reason"] == h["armguard.reason"].decode()
+            assert env["source"]["topic"] == topic == h["armguard.source.topic"].decode()
+            assert env["source"]["offset"] == int(h["armguard.source.offset"])
+            by_reason.setdefault(env["reason"], []).append((rec, env))
+        for rec, env in by_reason["too_large"]:
+            assert rec.value is None and env["size"] > 10 * 1024 * 1024
+            assert not env["value_included"]
+        sent = {v for v in values if v is not None and len(v) < 1024 * 1024}
+        for reason, items in by_reason.items():
+            if reason not in ("too_large", "no_value"):
+                assert all(rec.value in sent for rec, _ in items), reason
+
+        # Summaries: merged, they equal one pass over all input; offset ranges never overlap.
+        out = await read_topic(kafka_bootstrap, summaries)
+        assert {r.key for r in out} == {b"ranker-v2", b"checkout"}
+        inputs = await read_topic(kafka_bootstrap, topic)
+        by_partition: dict[int, list] = {}
+        for r in inputs:
+            by_partition.setdefault(r.partition, []).append(r)
+        contract = Contract(experiments(), settings.ingest)
+        got = merge_summaries([r.value for r in out])
+        assert_same_summaries(got, reference(contract, topic, by_partition))
+        assert_offsets_tile([r.value for r in out], ends, topic)
+        first = orjson.loads(out[0].value)
+        assert first["v"] == 1 and first["config_version"] == contract.config_version
+        assert first["source"]["topic"] == topic
+        assert first["span"]["min_ts"] <= first["span"]["max_ts"] <= now
+    finally:
+        await admin.delete_topics([topic, deadletter])
+
+
+async def _caught_up(admin, group: str, topic: str, ends: dict[int, int], task) -> bool:
+    if task.done():
+        task.result()  # surface the stage's failure instead of timing out
+    got = await committed(admin, group, topic, len(ends))
+    return got == ends
+
+
+async def test_flush_size_bound_splits_transactions(kafka_bootstrap, make_topic, admin, unique):
+    """max_pending_records bounds each flush, so memory does not grow with the input rate."""
+    topic = await make_topic("telemetry")
+    summaries = await make_topic("summaries")
+    deadletter = await make_topic("deadletter")
+    group = f"ingest-{unique}"
+    now = time.time()
+    await produce(kafka_bootstrap, topic, list(good_records(2000, now, seed=3)))
+    ends = await end_offsets(kafka_bootstrap, topic, 1)
+    registry = CollectorRegistry()
+    settings = _settings(
+        kafka_bootstrap,
+        topic,
+        summaries,
+        deadletter,
+        group,
+        flush_interval_s=60.0,
+        max_pending_records=250,
+        max_batch_records=100,
+    )
+    stage = IngestStage(settings, experiments(), Metrics(registry), Health())
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        await wait_for(lambda: _caught_up(admin, group, topic, ends, task), "all committed")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    out = await read_topic(kafka_bootstrap, summaries)
+    spans = {(o["first"], o["last"]) for r in out for o in orjson.loads(r.value)["offsets"]}
+    assert len(spans) == 8  # 2000 records, at most 250 per transaction
+    assert all(last - first + 1 <= 250 for first, last in spans)
+    committed_tx = registry.get_sample_value(
+        "armguard_transactions_total", {"stage": "ingest", "outcome": "committed"}
+    )
+    assert committed_tx == 8
