@@ -97,7 +97,7 @@ class EvaluateStage:
         self._consumer = consumer
         await consumer.start()
         try:
-            self._check_copartitioned(consumer)
+            await self._check_copartitioned()
             consumer.subscribe(
                 [self.topics.summaries, self.topics.commands], listener=_Listener(self)
             )
@@ -119,14 +119,19 @@ class EvaluateStage:
             await consumer.stop()
             self._consumer = None
 
-    def _check_copartitioned(self, consumer: AIOKafkaConsumer) -> None:
+    async def _check_copartitioned(self) -> None:
         """Summaries, commands and state must have one partition count: partition p of each
         holds the same experiments, which is what lets one owner restore and apply them."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
         t = self.topics
-        counts = {
-            n: len(consumer.partitions_for_topic(n) or ())
-            for n in (t.summaries, t.commands, t.state)
-        }
+        admin = AIOKafkaAdminClient(**self._kafka)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([t.summaries, t.commands, t.state])
+        finally:
+            await admin.close()
+        counts = {d["topic"]: len(d.get("partitions") or ()) for d in described}
         if len(set(counts.values())) != 1 or 0 in counts.values():
             detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
             raise ConfigError(

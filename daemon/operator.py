@@ -22,7 +22,18 @@ import orjson
 from . import commands as cmds
 from .errors import ConfigError, ConfigProblem, KafkaUnavailable
 
-__all__ = ["add_parsers", "parse_duration"]
+__all__ = ["add_parsers", "parse_duration", "topic_partitions"]
+
+
+async def topic_partitions(consumer: Any, topic: str) -> list[int]:
+    """Partition numbers of ``topic``, fetching fresh metadata (a consumer only tracks the
+    topics it is assigned or subscribed to, so ``partitions_for_topic`` alone can say None)."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = cluster.partitions_for_topic(topic)
+    return sorted(parts or ())
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
@@ -142,8 +153,8 @@ async def _send_async(settings: Any, obj: dict[str, Any], wait_s: float) -> int:
             **opts, isolation_level="read_committed", enable_auto_commit=False
         )
         await watcher.start()
-        parts = watcher.partitions_for_topic(topics.decisions) or set()
-        tps = [TopicPartition(topics.decisions, p) for p in sorted(parts)]
+        parts = await topic_partitions(watcher, topics.decisions)
+        tps = [TopicPartition(topics.decisions, p) for p in parts]
         watcher.assign(tps)
         await watcher.seek_to_end(*tps)
         for tp in tps:
@@ -267,8 +278,8 @@ async def _watch_async(settings: Any, only: str | None, until_event: bool, limit
         topics = settings.topics
         tps = []
         for topic in (topics.state, topics.killswitch):
-            parts = reader.partitions_for_topic(topic) or {0}
-            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+            parts = await topic_partitions(reader, topic) or [0]
+            tps += [TopicPartition(topic, p) for p in parts]
         reader.assign(tps)
         state_tps = [tp for tp in tps if tp.topic == topics.state]
         ks_tps = [tp for tp in tps if tp.topic == topics.killswitch]
@@ -348,8 +359,8 @@ async def _read_state(settings: Any) -> dict[str, dict[str, Any]]:
         ) from exc
     snaps: dict[str, dict[str, Any]] = {}
     try:
-        parts = reader.partitions_for_topic(settings.topics.state) or set()
-        tps = [TopicPartition(settings.topics.state, p) for p in sorted(parts)]
+        parts = await topic_partitions(reader, settings.topics.state)
+        tps = [TopicPartition(settings.topics.state, p) for p in parts]
         if not tps:
             return snaps
         reader.assign(tps)

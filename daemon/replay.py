@@ -32,6 +32,7 @@ import orjson
 from .contract import Contract, PartitionAccumulator, RawRecord
 from .engine import Engine, Output
 from .experiments import ExperimentsFile, load_experiments
+from .operator import topic_partitions
 from .settings import Settings, load_settings
 
 __all__ = ["Replayer", "add_parser", "iter_jsonl"]
@@ -287,7 +288,7 @@ async def _from_kafka(
         ) from exc
     events = 0
     try:
-        parts = sorted(reader.partitions_for_topic(topic) or ())
+        parts = await topic_partitions(reader, topic)
         if args.partition is not None:
             parts = [p for p in parts if p == args.partition]
         for p in parts:
@@ -334,7 +335,7 @@ async def _read_range(
     from aiokafka import TopicPartition
 
     tp = TopicPartition(topic, p)
-    if p not in (reader.partitions_for_topic(topic) or ()):
+    if p not in await topic_partitions(reader, topic):
         return []
     reader.assign([tp])
     if start is None:

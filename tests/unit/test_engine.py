@@ -10,6 +10,7 @@ from armguard.daemon import commands as cmds
 from armguard.daemon.engine import Engine
 from armguard.daemon.experiments import parse_experiments
 from armguard.detectors.summary import Summary
+from tests.support.summaries import regression_stream, summary_record
 
 KEY = b"test-key"
 CONFIG = """
@@ -27,62 +28,8 @@ experiments:
 """
 
 
-def summary_record(experiment, arms, *, t0, t1, offset_first, offset_last, partition=0):
-    out = {}
-    for arm, metrics in arms.items():
-        states = {}
-        n = 0
-        for name, values in metrics.items():
-            s = Summary()
-            s.update_many(np.asarray(values, dtype=float))
-            states[name] = s.to_state()
-            n = len(values)
-        out[arm] = {"count": n, "metrics": states, "features": {}}
-    return orjson.dumps(
-        {
-            "v": 1,
-            "experiment": experiment,
-            "config_version": "x",
-            "source": {"topic": "telemetry", "partition": partition},
-            "offsets": [
-                {
-                    "topic": "telemetry",
-                    "partition": partition,
-                    "first": offset_first,
-                    "last": offset_last,
-                }
-            ],
-            "span": {"min_ts": t0, "max_ts": t1},
-            "arms": out,
-        }
-    )
-
-
-def stream(
-    seed, *, n_batches, per_arm=400, bad_arm=None, start_batch_bad=0, err_bad=0.05, lat_bad=1.3
-):
-    """Summary records of a 3-arm experiment; `bad_arm` regresses from `start_batch_bad` on."""
-    rng = np.random.default_rng(seed)
-    recs = []
-    off = 0
-    for b in range(n_batches):
-        arms = {}
-        for arm in ("control", "t1", "t2"):
-            bad = arm == bad_arm and b >= start_batch_bad
-            p = err_bad if bad else 0.01
-            scale = lat_bad if bad else 1.0
-            arms[arm] = {
-                "error": (rng.random(per_arm) < p).astype(float),
-                "latency_ms": rng.lognormal(4.0, 0.3, per_arm) * scale,
-            }
-        t = 1_764_300_000.0 + b * 5
-        recs.append(
-            summary_record(
-                "ranker", arms, t0=t, t1=t + 5, offset_first=off, offset_last=off + 3 * per_arm - 1
-            )
-        )
-        off += 3 * per_arm
-    return recs
+def stream(seed, **kw):
+    return regression_stream(seed, **kw)
 
 
 def run(engine, records, start=0):

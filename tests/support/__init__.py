@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: summary records, a daemon subprocess, topic readers."""
