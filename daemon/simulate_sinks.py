@@ -88,6 +88,7 @@ class SinkReport:
     seconds: float = 0.0
     first_ts: float | None = None
     last_ts: float | None = None
+    paced: bool = False
     rebases: int = 0
     max_lag_s: float = 0.0
 
@@ -106,7 +107,9 @@ class SinkReport:
             if self.first_ts is not None and self.last_ts is not None
             else ""
         )
-        pacing = f", {self.rebases} pacing rebase(s)" if self.rebases else ""
+        pacing = f", paced: max lag {self.max_lag_s:.3f} s" if self.paced else ""
+        if self.rebases:
+            pacing += f", {self.rebases} rebase(s) after falling behind"
         return (
             f"simulate: {self.records} records ({self.bad} bad) to {where} in "
             f"{self.seconds:.1f} s ({rate:,.0f}/s){span}{pacing}"
@@ -155,6 +158,7 @@ def write_jsonl(
     finally:
         report.seconds = clock() - started
         if pacer is not None:
+            report.paced = True
             report.rebases, report.max_lag_s = pacer.rebases, pacer.max_lag_seen_s
 
 
@@ -266,6 +270,7 @@ async def produce(
             await asyncio.gather(*in_flight, return_exceptions=True)
         report.seconds = clock() - started
         if pacer is not None:
+            report.paced = True
             report.rebases, report.max_lag_s = pacer.rebases, pacer.max_lag_seen_s
 
 
@@ -409,7 +414,10 @@ def run_cli(args: Any) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (or Windows): stop with KeyboardInterrupt only
         producer = AIOKafkaProducer(**options, acks="all", linger_ms=5, max_batch_size=512 * 1024)
         await producer.start()
         try:
