@@ -67,6 +67,22 @@ class _TwoArmMixtureTest:
         self._looks = 0
         self._last: TestResult | None = None
 
+    @classmethod
+    def _tuning_n_for(
+        cls, *, effect: float, pair_variance: float, alpha: float, harmful: str
+    ) -> int:
+        if not (math.isfinite(effect) and effect != 0.0):
+            raise ValueError(f"effect must be a non-zero finite number, got {effect!r}")
+        if not (math.isfinite(pair_variance) and pair_variance > 0.0):
+            raise ValueError(f"variances must be positive and finite, got {pair_variance!r}")
+        alpha, _ = resolve_alpha(alpha)
+        sided = "two" if harmful == "any" else "one"
+        b = _mixture.boundary(_mixture.tuning_constant(alpha, sided), -math.log(alpha), sided)
+        # The drift of z reaches the tightest boundary b at n = b^2 var / effect^2; the median
+        # first crossing comes earlier, and simulations (bench/sequential.py) put the fastest
+        # median detection at about half that.
+        return max(1, round(0.5 * b * b * pair_variance / (effect * effect)))
+
     # -- subclass hook ---------------------------------------------------------------------
     def _arm(self, summary: Summary) -> tuple[int, float, float]:
         """(count, mean, variance of one value) of an arm."""

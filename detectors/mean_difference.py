@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._two_arm import _TwoArmMixtureTest
+from .alpha import AlphaSplit
 from .summary import Summary
 
 __all__ = ["MeanDifferenceTest"]
@@ -99,6 +100,31 @@ class MeanDifferenceTest(_TwoArmMixtureTest):
     """
 
     _method = "mean-difference"
+
+    @classmethod
+    def tuning_n_for(
+        cls,
+        *,
+        effect: float,
+        sd: float,
+        sd_treatment: float | None = None,
+        alpha: float | AlphaSplit = 0.05,
+        harmful: str = "increase",
+    ) -> int:
+        """``tuning_n`` that detects a true effect of this size (beyond any margin) fastest.
+
+        ``effect`` is the difference in means to catch (minus the margin when there is one),
+        ``sd`` the standard deviation of one value (of the control; ``sd_treatment`` defaults to
+        it). Returns about half the per-arm sample size at which the effect's expected z reaches
+        the tightest boundary; the median delay is flat within a factor of 2 around it.
+
+        >>> MeanDifferenceTest.tuning_n_for(effect=2.0, sd=30.0, sd_treatment=30.6)
+        1756
+        """
+        sd_t = sd if sd_treatment is None else sd_treatment
+        return cls._tuning_n_for(
+            effect=effect, pair_variance=sd * sd + sd_t * sd_t, alpha=alpha, harmful=harmful
+        )
 
     def _arm(self, summary: Summary) -> tuple[int, float, float]:
         return summary.count, summary.mean, summary.variance

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._two_arm import _TwoArmMixtureTest
+from .alpha import AlphaSplit
 from .summary import Summary
 
 __all__ = ["ProportionDifferenceTest"]
@@ -75,6 +76,30 @@ class ProportionDifferenceTest(_TwoArmMixtureTest):
     """
 
     _method = "proportion-difference"
+
+    @classmethod
+    def tuning_n_for(
+        cls,
+        *,
+        baseline: float,
+        effect: float,
+        alpha: float | AlphaSplit = 0.05,
+        harmful: str = "increase",
+    ) -> int:
+        """``tuning_n`` that detects a change from ``baseline`` by ``effect`` fastest.
+
+        ``effect`` is in proportion points (0.003 for 1.0% -> 1.3%), beyond any margin.
+
+        >>> ProportionDifferenceTest.tuning_n_for(baseline=0.01, effect=0.003)
+        9660
+        """
+        if not 0.0 < baseline < 1.0 or not 0.0 < baseline + effect < 1.0:
+            raise ValueError(
+                f"baseline and baseline + effect must be in (0, 1), got {baseline!r}, {effect!r}"
+            )
+        p_t = baseline + effect
+        var = baseline * (1.0 - baseline) + p_t * (1.0 - p_t)
+        return cls._tuning_n_for(effect=effect, pair_variance=var, alpha=alpha, harmful=harmful)
 
     def _arm(self, summary: Summary) -> tuple[int, float, float]:
         n = summary.count
