@@ -22,6 +22,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from .engine import Engine, Output
 from .errors import ConfigError, ConfigProblem
@@ -158,21 +159,28 @@ class EvaluateStage:
         self.health.set_ready(self.name, False)
         async with self._lock:
             for p in sorted(partitions - set(self._producers)):
-                producer = AIOKafkaProducer(
-                    **transactional_producer_options(
-                        self.settings, f"{self.cfg.group_id}-{self.topics.summaries}-{p}"
-                    )
-                )
-                # init_transactions (in start) fences any zombie holding this partition's id and
-                # aborts its open transaction, so the state read below is the last committed one.
-                await producer.start()
-                self._producers[p] = producer
-                started = time.monotonic()
-                await self._restore(p)
-                elapsed = time.monotonic() - started
-                self.restore_seconds.append(elapsed)
-                self.metrics.state_restore_duration.observe(elapsed)
+                await self._open_partition(p)
         self.health.set_ready(self.name, True)
+
+    async def _open_partition(self, p: int) -> None:
+        producer = AIOKafkaProducer(
+            **transactional_producer_options(
+                self.settings, f"{self.cfg.group_id}-{self.topics.summaries}-{p}"
+            )
+        )
+        # init_transactions (in start) fences any zombie holding this partition's id and
+        # aborts its open transaction, so the state read below is the last committed one.
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producers[p] = producer
+        started = time.monotonic()
+        await self._restore(p)
+        elapsed = time.monotonic() - started
+        self.restore_seconds.append(elapsed)
+        self.metrics.state_restore_duration.observe(elapsed)
 
     async def _revoke(self, partitions: set[int]) -> None:
         async with self._lock:
@@ -225,7 +233,46 @@ class EvaluateStage:
             async with self._lock:
                 if p not in self._producers:
                     continue  # revoked while we were fetching; the new owner processes it
-                await self._process_partition(p, items)
+                try:
+                    await self._process_partition(p, items)
+                except ProducerFenced:
+                    # Another instance owns this partition now: we are the zombie. Stop loudly;
+                    # the orchestrator restarts us and the group gives us fresh partitions.
+                    raise
+                except KafkaError as exc:
+                    log.warning("partition %d: transaction failed (%r); recovering", p, exc)
+                    self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
+                    await self._recover(p)
+
+    async def _recover(self, p: int) -> None:
+        """Redo partition p from its last commit: the in-memory state ran ahead of what was
+        committed, so it is rebuilt from the state topic and the input is re-read from the
+        committed offsets (Kafka Streams does the same with a corrupted task)."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        delay = 0.5
+        while True:
+            try:
+                await self._close_partition(p)
+                await self._open_partition(p)
+                for topic in (self.topics.summaries, self.topics.commands):
+                    tp = TopicPartition(topic, p)
+                    if tp not in consumer.assignment():
+                        continue
+                    committed = await consumer.committed(tp)
+                    if committed is None:
+                        await consumer.seek_to_beginning(tp)
+                    else:
+                        consumer.seek(tp, committed)
+                log.info("partition %d recovered from its last committed state", p)
+                return
+            except ProducerFenced:
+                raise
+            except KafkaError as exc:
+                log.warning("partition %d: recovery failed (%r); retrying in %.1f s", p, exc, delay)
+                self.health.beat(self.name)
+                await asyncio.sleep(delay)  # back-off between reconnection attempts
+                delay = min(delay * 2, 10.0)
 
     async def _process_partition(self, p: int, items: list[tuple[TopicPartition, Any]]) -> None:
         started = time.monotonic()

@@ -1,0 +1,75 @@
+"""The broker goes away mid-run and comes back: the daemon reconnects and catches up.
+
+This test starts its own broker (scripts/kafka-local on a free port, its own data folder) so
+stopping it does not disturb the other tests' broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_evaluate import Setup
+from tests.support.daemon import free_port
+from tests.support.summaries import regression_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kafka_local(command: str, port: int, run_dir: Path) -> None:
+    env = {**os.environ, "KAFKA_PORT": str(port), "ARMGUARD_RUN_DIR": str(run_dir)}
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "kafka-local"), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, f"kafka-local {command} failed:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    port = free_port()
+    while free_port() == port + 1:  # the controller takes port + 1
+        port = free_port()
+    run_dir = tmp_path / "broker"
+    kafka_local("start", port, run_dir)
+    try:
+        yield port, run_dir
+    finally:
+        kafka_local("stop", port, run_dir)
+
+
+async def test_daemon_reconnects_and_catches_up_after_a_broker_restart(
+    own_broker, tmp_path, unique
+):
+    port, run_dir = own_broker
+    s = Setup(f"127.0.0.1:{port}", tmp_path / "run", unique)
+    await s.create_topics()
+    records = regression_stream(31, n_batches=40, bad_arm="t1", start_batch_bad=20)
+    try:
+        d = s.daemon().start()
+        await asyncio.to_thread(d.wait_ready)
+        await s.feed(records[:20])
+        await s.processed(20)
+        assert await s.killswitch() == []
+
+        await asyncio.to_thread(kafka_local, "stop", port, run_dir)
+        assert d.alive(), "the daemon must ride out a broker outage"
+        await asyncio.to_thread(kafka_local, "start", port, run_dir)
+
+        await s.feed(records[20:])
+        await s.processed(40)
+        events = await s.killswitch()
+        assert len(events) == 1 and events[0]["data"]["arms"]["t1"] == "killed"
+        assert d.alive()
+        assert d.stop() == 0
+    finally:
+        s.close()
