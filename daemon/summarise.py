@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from armguard.detectors.summary import LogHistogram, Summary
 
 __all__ = ["summarise_groups"]

@@ -3,9 +3,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from armguard.detectors import CalibrationDrift
 from armguard.detectors.calibration_drift import bin_predictions
-from scipy import stats
 
 
 def test_bin_predictions_matches_numpy():

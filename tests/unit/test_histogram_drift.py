@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from armguard.detectors import LogHistogram, Summary, TwoSampleDrift, WindowDrift
 from armguard.detectors.histogram_distance import (
     DISTANCES,
@@ -10,7 +12,6 @@ from armguard.detectors.histogram_distance import (
     histogram_distances,
     merge_bins,
 )
-from scipy import stats
 
 EDGES = np.exp(np.linspace(-3, 3, 401))  # a fixed grid of upper edges for multinomial tests
 

@@ -6,12 +6,13 @@ import asyncio
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
 from armguard.daemon.health import Health
 from armguard.daemon.http import HttpServer, Response
 from armguard.daemon.metrics import GuardrailSample, Metrics
 from armguard.daemon.settings import HttpSettings
-from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:

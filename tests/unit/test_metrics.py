@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
 from armguard.daemon.metrics import (
     EXPERIMENT_STATES,
     GUARDRAIL_STATES,
     GuardrailSample,
     Metrics,
 )
-from prometheus_client import CollectorRegistry, generate_latest
 
 # The names COMMON.md fixes for every stage (attribute -> exported sample name).
 CONTRACT = {

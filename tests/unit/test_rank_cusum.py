@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from armguard.detectors import RankCUSUM
 from armguard.detectors._calibration import (
     KOLMOGOROV_MEAN,
@@ -13,7 +15,6 @@ from armguard.detectors._calibration import (
     kolmogorov_isf,
     kolmogorov_sf,
 )
-from scipy import stats
 
 
 def run(det, xs):

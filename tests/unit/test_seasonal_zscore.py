@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+
 from armguard.detectors import SeasonalZScore
 from armguard.detectors._calibration import cusum_threshold, normal_isf
 
