@@ -584,6 +584,7 @@ class _Exp:
                     self.out_of_range = (column, name, c.min - max(1.0, abs(c.min)))
         self.effects: list[_Effect] = []
         self.srm: list[tuple[int, int | None, np.ndarray]] = []
+        self.build: Any = None  # the record builder, made on first use
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -937,36 +938,15 @@ class Simulation:
         mvals: dict[str, np.ndarray],
         fvals: dict[str, np.ndarray],
     ) -> list[dict[str, Any]]:
-        f = self.fields
-        arms = e.arm_names[arm].tolist()
-        ts_l = ts.tolist()
-        mnames = tuple(mvals)
-        fnames = tuple(fvals)
-        mcols = list(zip(*(v.tolist() for v in mvals.values()), strict=True)) if mnames else None
-        fcols = list(zip(*(v.tolist() for v in fvals.values()), strict=True)) if fnames else None
-        n = len(arms)
-        mdicts = [dict(zip(mnames, row, strict=True)) for row in mcols] if mcols else [{}] * n
-        fdicts = [dict(zip(fnames, row, strict=True)) for row in fcols] if fcols else None
-        eid = e.id
-        kx, ka, kt, ku, km, kf = f.experiment, f.arm, f.ts, f.unit, f.metrics, f.features
+        if e.build is None:
+            e.build = _record_builder(self.fields, tuple(mvals), tuple(fvals), units is not None)
+        columns = [e.arm_names[arm].tolist(), ts.tolist()]
         if units is not None:
-            prefix = self.scenario.unit_prefix
-            ids = [f"{prefix}{u}" for u in units.tolist()]
-            if fdicts is not None:
-                return [
-                    {kx: eid, ka: a, kt: t, ku: u, km: m, kf: fd}
-                    for a, t, u, m, fd in zip(arms, ts_l, ids, mdicts, fdicts, strict=True)
-                ]
-            return [
-                {kx: eid, ka: a, kt: t, ku: u, km: m}
-                for a, t, u, m in zip(arms, ts_l, ids, mdicts, strict=True)
-            ]
-        if fdicts is not None:
-            return [
-                {kx: eid, ka: a, kt: t, km: m, kf: fd}
-                for a, t, m, fd in zip(arms, ts_l, mdicts, fdicts, strict=True)
-            ]
-        return [{kx: eid, ka: a, kt: t, km: m} for a, t, m in zip(arms, ts_l, mdicts, strict=True)]
+            fmt = self.scenario.unit_prefix.replace("%", "%%") + "%d"
+            columns.append([fmt % u for u in units.tolist()])
+        columns += [v.tolist() for v in mvals.values()]
+        columns += [v.tolist() for v in fvals.values()]
+        return e.build(e.id, *columns)
 
     def _bad_record(self, kind: str, record: dict[str, Any], good: bytes, e: _Exp, r: int) -> bytes:
         f = self.fields
@@ -998,6 +978,40 @@ class Simulation:
         else:  # pragma: no cover - BAD_KINDS and this function change together
             raise AssertionError(kind)
         return orjson.dumps(_nest(bad) if self._nested else bad)
+
+
+def _record_builder(
+    fields: FieldNames, metrics: tuple[str, ...], features: tuple[str, ...], with_unit: bool
+) -> Any:
+    """A function building one experiment's records from columns, with literal dict displays.
+
+    About twice as fast as ``dict(zip(names, row))`` per record. Only identifiers made here go
+    into the source; field, metric and feature names are bound as values of the namespace.
+    """
+    ns: dict[str, Any] = {
+        "KX": fields.experiment,
+        "KA": fields.arm,
+        "KT": fields.ts,
+        "KU": fields.unit,
+        "KM": fields.metrics,
+        "KF": fields.features,
+    }
+    ns.update({f"M{i}": name for i, name in enumerate(metrics)})
+    ns.update({f"F{i}": name for i, name in enumerate(features)})
+    mv = [f"m{i}" for i in range(len(metrics))]
+    fv = [f"f{i}" for i in range(len(features))]
+    loop = ["a", "t", *(["u"] if with_unit else []), *mv, *fv]
+    items = ["KX: eid", "KA: a", "KT: t", *(["KU: u"] if with_unit else [])]
+    items.append("KM: {" + ", ".join(f"M{i}: {v}" for i, v in enumerate(mv)) + "}")
+    if features:
+        items.append("KF: {" + ", ".join(f"F{i}: {v}" for i, v in enumerate(fv)) + "}")
+    args = [f"c_{v}" for v in loop]
+    src = (
+        f"def build(eid, {', '.join(args)}):\n"
+        f"    return [{{{', '.join(items)}}} for {', '.join(loop)} in zip({', '.join(args)})]\n"
+    )
+    exec(src, ns)
+    return ns["build"]
 
 
 def _in_window(i: np.ndarray, i_from: int, i_to: int | None) -> np.ndarray:

@@ -31,7 +31,16 @@ import numpy as np
 
 from .simulate import Batch, Simulation
 
-__all__ = ["Pacer", "SinkReport", "kafka_partition", "produce", "write_jsonl"]
+__all__ = [
+    "Pacer",
+    "SinkReport",
+    "add_parser",
+    "kafka_partition",
+    "murmur2_many",
+    "produce",
+    "run_cli",
+    "write_jsonl",
+]
 
 KeyBy = Literal["unit", "experiment", "none"]
 
@@ -168,9 +177,55 @@ def kafka_partition(key: bytes, partitions: int) -> int:
     >>> kafka_partition(b"u42", 6)
     5
     """
-    from aiokafka.partitioner import murmur2
+    return int(murmur2_many([key])[0] & 0x7FFFFFFF) % partitions
 
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+_M = np.uint32(0x5BD1E995)
+
+
+def murmur2_many(keys: list[bytes]) -> np.ndarray:
+    """Kafka's murmur2 hash of every key, vectorised over keys of equal length (uint32).
+
+    Bit for bit the Java client's ``Utils.murmur2`` (and aiokafka's pure-Python copy), which picks
+    the partition of a keyed record; one numpy pass per distinct key length.
+
+    >>> from aiokafka.partitioner import murmur2
+    >>> [int(h) for h in murmur2_many([b"u1", b"ranker-v2"])] == [
+    ...     murmur2(b"u1") & 0xFFFFFFFF, murmur2(b"ranker-v2") & 0xFFFFFFFF]
+    True
+    """
+    out = np.empty(len(keys), dtype=np.uint32)
+    if not keys:
+        return out
+    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+    for length in np.unique(lengths).tolist():
+        rows = np.flatnonzero(lengths == length)
+        data = np.frombuffer(b"".join(keys[j] for j in rows.tolist()), dtype=np.uint8)
+        data = data.reshape(len(rows), length)
+        h = np.full(len(rows), (0x9747B28C ^ length) & 0xFFFFFFFF, dtype=np.uint32)
+        n4 = length // 4
+        if n4:
+            words = np.ascontiguousarray(data[:, : 4 * n4]).view("<u4")
+            for i in range(n4):
+                k = words[:, i] * _M
+                k ^= k >> np.uint32(24)
+                k *= _M
+                h *= _M
+                h ^= k
+        tail = length & ~3
+        extra = length % 4
+        if extra >= 3:
+            h ^= data[:, tail + 2].astype(np.uint32) << np.uint32(16)
+        if extra >= 2:
+            h ^= data[:, tail + 1].astype(np.uint32) << np.uint32(8)
+        if extra >= 1:
+            h ^= data[:, tail].astype(np.uint32)
+            h *= _M
+        h ^= h >> np.uint32(13)
+        h *= _M
+        h ^= h >> np.uint32(15)
+        out[rows] = h
+    return out
 
 
 class _Partitioner:
@@ -183,8 +238,10 @@ class _Partitioner:
         self.partitions = np.asarray(sorted(partitions), dtype=np.int64)
         self.key_by = key_by
         n = len(self.partitions)
+        self._prefix = sim.scenario.unit_prefix.encode().replace(b"%", b"%%") + b"%d"
         self._exp_keys = [e.encode() for e in sim.experiment_ids]
         self._exp_part = np.array([kafka_partition(k, n) for k in self._exp_keys], dtype=np.int64)
+        # Partition of each unit of the pool, filled in as units first appear.
         self._unit_part = np.full(sim.scenario.units or 0, -1, dtype=np.int64)
         self._next = 0
 
@@ -193,14 +250,14 @@ class _Partitioner:
         if self.key_by == "unit":
             assert batch.unit is not None
             units = batch.unit[start:end]
-            keys: list[bytes | None] = [self.sim.unit_id(u).encode() for u in units.tolist()]
+            fmt = self._prefix
+            keys: list[bytes | None] = [fmt % u for u in units.tolist()]
             parts = self._unit_part[units]
             missing = np.flatnonzero(parts < 0)
-            for j in missing.tolist():
-                u = int(units[j])
-                if self._unit_part[u] < 0:
-                    self._unit_part[u] = kafka_partition(keys[j], n)  # type: ignore[arg-type]
             if len(missing):
+                new_units, first = np.unique(units[missing], return_index=True)
+                hashes = murmur2_many([keys[j] for j in missing[first].tolist()])
+                self._unit_part[new_units] = (hashes & np.uint32(0x7FFFFFFF)) % n
                 parts = self._unit_part[units]
             return self.partitions[parts], keys
         if self.key_by == "experiment":

@@ -720,3 +720,38 @@ def test_cli_reports_scenario_errors_with_the_file(tmp_path, capsys):
     assert main([*argv, "--scenario", str(scenario), "--records", "1"]) == 2
     err = capsys.readouterr().err
     assert f"{scenario}: inject[0].allocation: give a share for each arm" in err
+
+
+def test_murmur2_many_is_the_java_clients_hash():
+    import random
+
+    from aiokafka.partitioner import murmur2
+
+    from armguard.daemon.simulate_sinks import murmur2_many
+
+    rnd = random.Random(1)
+    keys = [rnd.randbytes(rnd.randint(0, 23)) for _ in range(3000)] + [b"u1", b"ranker-v2"]
+    assert murmur2_many(keys).tolist() == [murmur2(k) & 0xFFFFFFFF for k in keys]
+
+
+def test_ingest_contract_gives_each_bad_kind_its_reason_and_accepts_the_good():
+    """Cross-check with the ingest stage's pure data contract (daemon/contract.py)."""
+    from armguard.daemon.contract import Contract
+    from armguard.daemon.settings import IngestSettings
+
+    exps = load_experiments(ROOT / "config" / "demo.yaml")
+    s = Simulation(
+        Scenario(seed=1, records=6000, inject=[BadRecords(fraction=0.3)]), exps, start_ts=START
+    )
+    contract = Contract(exps, IngestSettings())
+    names = list(BAD_KINDS)
+    seen = set()
+    for b in s.batches():
+        for value, bad, ts in zip(b.values, b.bad.tolist(), b.ts.tolist(), strict=True):
+            verdict = contract.decode(value, now=ts)
+            if bad < 0:
+                assert type(verdict).__name__ == "Accepted", (value, verdict)
+            else:
+                assert verdict.reason == INGEST_REASONS[names[bad]], (names[bad], verdict)
+                seen.add(names[bad])
+    assert seen == set(names)
