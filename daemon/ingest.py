@@ -293,10 +293,11 @@ class IngestStage:
         if flush is None:
             return
         started = time.perf_counter()
+        sent: list[asyncio.Future[Any]] = []
         try:
             # The context aborts on an error unless the producer is fenced (fatal).
             async with producer.transaction():
-                await self._send(producer, flush)
+                await self._send(producer, flush, sent)
                 await producer.send_offsets_to_transaction(
                     {tp: flush.commit_offset}, self.cfg.group_id
                 )
@@ -325,13 +326,19 @@ class IngestStage:
             if self._consumer is not None:
                 self._consumer.seek(tp, flush.first_offset)
             return
+        finally:
+            # A failed transaction fails every send's future too; the error is handled above.
+            for f in sent:
+                f.add_done_callback(_retrieve)
         self._failures = 0
         self._committed(flush, time.perf_counter() - started)
 
-    async def _send(self, producer: AIOKafkaProducer, flush: Flush) -> None:
+    async def _send(
+        self, producer: AIOKafkaProducer, flush: Flush, sent: list[asyncio.Future[Any]]
+    ) -> None:
         summaries_topic = self.topics.summaries
         for key, value in flush.summaries:
-            await producer.send(summaries_topic, value, key=key)
+            sent.append(await producer.send(summaries_topic, value, key=key))
         if flush.deadletters:
             dl_topic = self.topics.deadletter
             for d in flush.deadletters:
@@ -345,7 +352,7 @@ class IngestStage:
                 key = d.record.key
                 if value is None and key is None:
                     key = b""  # Kafka needs a key or a value; the headers say where it came from
-                await producer.send(dl_topic, value, key=key, headers=headers)
+                sent.append(await producer.send(dl_topic, value, key=key, headers=headers))
 
     def _committed(self, flush: Flush, seconds: float) -> None:
         m = self.metrics
@@ -378,6 +385,11 @@ class IngestStage:
             self.metrics.consumer_lag.labels(
                 group=self.cfg.group_id, topic=tp.topic, partition=str(tp.partition)
             ).set(max(0, high - acc.next_offset))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _name(tp: TopicPartition) -> str:
