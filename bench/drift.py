@@ -180,9 +180,9 @@ def bench_streams(runs_fa: int, n_fa: int, runs_change: int, n_pre: int, n_post:
 # -- anomaly ---------------------------------------------------------------------------------
 
 
-def seasonal(rng, days, phi):
+def seasonal(rng, days, phi, df=None):
     t = np.arange(days * 288) * 300.0
-    e = rng.standard_normal(t.size)
+    e = rng.standard_normal(t.size) if df is None else rng.standard_t(df, t.size)
     r = np.empty(t.size)
     r[0] = e[0]
     for i in range(1, t.size):
@@ -202,41 +202,43 @@ def bench_anomaly(runs: int) -> None:
         "| noise | FA/10k (clean days) | spikes found | level shift found (<6 h) | median delay |"
     )
     print("|---|---|---|---|---|")
-    for phi in (0.0, 0.5):
-        for shift_sd in (3.0, 4.0):
-            rng = np.random.default_rng(300 + int(10 * phi) + int(shift_sd))
-            fa = clean = found = total = shifts = 0
-            delays = []
-            for _ in range(runs):
-                t, x = seasonal(rng, 10, phi)
-                spikes = rng.choice(np.arange(3 * 288, 6 * 288), size=8, replace=False)
-                x[spikes] += rng.choice([-1.0, 1.0], size=8) * 16.0
-                x[7 * 288 :] += shift_sd * 2.0
-                det = SeasonalZScore(expected_run_length=ARL)
-                flagged, shift_at = set(), None
-                for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
-                    det.update(xi, ti)
-                    if det.alarm:
-                        flagged.add(i)
-                    if shift_at is None and i >= 7 * 288 and det.n_level_shifts:
-                        shift_at = i
-                    if i == 7 * 288 - 1:
-                        shifts_before = det.n_level_shifts
-                spike_set = set(spikes.tolist())
-                found += len(spike_set & flagged)
-                total += len(spike_set)
-                fa += len([i for i in flagged if i < 7 * 288 and i not in spike_set])
-                clean += 5 * 288
-                if shift_at is not None and det.n_level_shifts > shifts_before:
-                    d = shift_at - 7 * 288 + 1
-                    if d <= 72:
-                        shifts += 1
-                        delays.append(d)
-            med = f"{np.median(delays):.0f}" if delays else "-"
-            print(
-                f"| AR(1) phi={phi}, shift {shift_sd:.0f} sd | {fa / clean * 1e4:.1f} | "
-                f"{found / total:.0%} | {shifts / runs:.0%} | {med} |"
-            )
+    cases = [(phi, shift_sd, None) for phi in (0.0, 0.5) for shift_sd in (3.0, 4.0)]
+    cases += [(0.0, 4.0, 3), (0.5, 4.0, 3)]
+    for phi, shift_sd, df in cases:
+        rng = np.random.default_rng(300 + int(10 * phi) + int(shift_sd) + (df or 0))
+        fa = clean = found = total = shifts = 0
+        delays = []
+        for _ in range(runs):
+            t, x = seasonal(rng, 10, phi, df)
+            spikes = rng.choice(np.arange(3 * 288, 6 * 288), size=8, replace=False)
+            x[spikes] += rng.choice([-1.0, 1.0], size=8) * 16.0
+            x[7 * 288 :] += shift_sd * 2.0
+            det = SeasonalZScore(expected_run_length=ARL)
+            flagged, shift_at = set(), None
+            for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
+                det.update(xi, ti)
+                if det.alarm:
+                    flagged.add(i)
+                if shift_at is None and i >= 7 * 288 and det.n_level_shifts:
+                    shift_at = i
+                if i == 7 * 288 - 1:
+                    shifts_before = det.n_level_shifts
+            spike_set = set(spikes.tolist())
+            found += len(spike_set & flagged)
+            total += len(spike_set)
+            fa += len([i for i in flagged if i < 7 * 288 and i not in spike_set])
+            clean += 5 * 288
+            if shift_at is not None and det.n_level_shifts > shifts_before:
+                d = shift_at - 7 * 288 + 1
+                if d <= 72:
+                    shifts += 1
+                    delays.append(d)
+        med = f"{np.median(delays):.0f}" if delays else "-"
+        noise = "normal" if df is None else f"t({df})"
+        print(
+            f"| {noise}, AR(1) phi={phi}, shift {shift_sd:.0f} sd | {fa / clean * 1e4:.1f} | "
+            f"{found / total:.0%} | {shifts / runs:.0%} | {med} |"
+        )
     xs = seasonal(np.random.default_rng(0), 10, 0.5)
     det = SeasonalZScore()
     start = time.perf_counter()
@@ -338,15 +340,20 @@ def bench_histograms(evaluations: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run counts (smoke test)")
+    parser.add_argument(
+        "--only", choices=["streams", "anomaly", "histograms"], help="run one section only"
+    )
     args = parser.parse_args()
-    if args.quick:
-        bench_streams(runs_fa=2, n_fa=2000, runs_change=5, n_pre=500, n_post=1000)
-        bench_anomaly(runs=2)
-        bench_histograms(evaluations=200)
-    else:
-        bench_streams(runs_fa=40, n_fa=5000, runs_change=80, n_pre=500, n_post=1000)
-        bench_anomaly(runs=20)
-        bench_histograms(evaluations=10_000)
+    quick = args.quick
+    if args.only in (None, "streams"):
+        if quick:
+            bench_streams(runs_fa=2, n_fa=2000, runs_change=5, n_pre=500, n_post=1000)
+        else:
+            bench_streams(runs_fa=40, n_fa=5000, runs_change=80, n_pre=500, n_post=1000)
+    if args.only in (None, "anomaly"):
+        bench_anomaly(runs=2 if quick else 20)
+    if args.only in (None, "histograms"):
+        bench_histograms(evaluations=200 if quick else 10_000)
 
 
 if __name__ == "__main__":

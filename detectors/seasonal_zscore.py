@@ -8,6 +8,21 @@ from ._calibration import check_run_length, cusum_threshold, normal_isf
 from ._edge import _EdgeAlarm
 
 _MAX_PHI = 0.95
+_TAIL_RATE = 0.001  # exceedance rate of |z| > clip: about 1,000 updates of memory
+_HILL_RATE = 0.02  # log-excess mean: about 50 exceedances of memory
+
+
+def _normal_log_excess(c: float) -> float:
+    """E[log(|Z| / c) | |Z| > c] for standard normal Z (Hill statistic of a normal tail)."""
+    step = 1e-3
+    num = den = 0.0
+    x = c + 0.5 * step
+    while x < c + 12.0:
+        dens = math.exp(-0.5 * x * x)
+        num += math.log(x / c) * dens
+        den += dens
+        x += step
+    return num / den
 
 
 def _clipped_second_moment(c: float) -> float:
@@ -37,8 +52,11 @@ class SeasonalZScore(_EdgeAlarm):
       follows the new regime instead of alarming forever.
 
     Calibration: the false-alarm budget ``1 / expected_run_length`` per update is split half to
-    the spike test (two-sided normal quantile) and half to the two one-sided CUSUMs (Siegmund's
-    run-length approximation). No alarm is raised before ``warmup_s`` seconds of event time, while
+    the spike test and half to the two one-sided CUSUMs (Siegmund's run-length approximation).
+    The spike threshold is the two-sided normal quantile, unless the innovations turn out
+    heavier-tailed than normal (their rate beyond ``clip`` sigmas over twice the normal rate):
+    then it extrapolates a Pareto tail fitted beyond ``clip`` (Hill's estimator on non-spike
+    updates) to the spike budget, so heavy-tailed noise does not spend the budget. No alarm is raised before ``warmup_s`` seconds of event time, while
     the seasonal profile is learned. An incident (spike or shift) is one alarm; ``in_alarm``
     clears after ``clear_after`` consecutive normal updates.
 
@@ -92,6 +110,8 @@ class SeasonalZScore(_EdgeAlarm):
     Page, E. S. (1954). Continuous inspection schemes. Biometrika 41(1/2), 100-115.
     Cleveland, R. B. et al. (1990). STL: a seasonal-trend decomposition procedure based on loess.
     Journal of Official Statistics 6(1), 3-73.
+    Hill, B. M. (1975). A simple general approach to inference about the tail of a distribution.
+    Annals of Statistics 3(5), 1163-1174.
     """
 
     def __init__(
@@ -146,7 +166,10 @@ class SeasonalZScore(_EdgeAlarm):
         self.clear_after = clear_after
 
         alpha = 1.0 / self.expected_run_length
-        self._z_threshold = normal_isf(alpha / 4.0)  # half the budget, two-sided
+        self._alpha_spike = alpha / 2.0  # half the budget, two-sided
+        self._z_normal = normal_isf(alpha / 4.0)
+        self._p0 = math.erfc(self.clip / math.sqrt(2.0))  # P(|Z| > clip) for normal noise
+        self._hill0 = _normal_log_excess(self.clip)
         self._k = self.shift / 2.0
         self._h = cusum_threshold(4.0 * self.expected_run_length, self._k)
         self._kappa = _clipped_second_moment(self.clip)
@@ -168,6 +191,11 @@ class SeasonalZScore(_EdgeAlarm):
         self._kind: str | None = None
         self._n_spikes = 0
         self._n_level_shifts = 0
+        # Tail of |z| beyond `clip`: exceedance rate and Hill (log-excess) mean, from normal priors.
+        self._q = self._p0
+        self._hill = self._hill0
+        self._n_tail = 0
+        self._n_exceed = 0
 
     def update(self, x: float, t: float) -> None:
         """Feed one interval's value ``x`` observed at event time ``t`` (seconds)."""
@@ -203,7 +231,8 @@ class SeasonalZScore(_EdgeAlarm):
             z = zc = 0.0
         self._z = z
         armed = t - self._t0 >= self.warmup_s and sigma > 0.0
-        spike = armed and abs(z) > self._z_threshold
+        threshold = self._z_threshold
+        spike = armed and abs(z) > threshold
         shifted = suspicious = False
         if armed:
             k = self._k
@@ -220,6 +249,22 @@ class SeasonalZScore(_EdgeAlarm):
             suspicious = max(self._up, self._down) > 0.5 * self._h
         if not (shifted or suspicious):
             self._learn(n, e, pred, zc, sigma, w, b0, b1, nb)
+            if not spike:
+                # A large innovation that is not a spike is part of the noise: an AR(1) series
+                # echoes it, so the next prediction uses it unclipped (a spike is an additive
+                # outlier and does not echo: its clipped value stays).
+                self._prev = r
+            if sigma > 0.0 and not spike and t - self._t0 >= 0.5 * self.warmup_s:
+                # Learn how heavy the tail of the innovations is (spikes excluded), from the
+                # second half of the warmup on: running means first, then exponential ones.
+                az = abs(z)
+                exceed = az > clip
+                self._n_tail += 1
+                self._q += max(_TAIL_RATE, 1.0 / self._n_tail) * (exceed - self._q)
+                if exceed:
+                    self._n_exceed += 1
+                    step = max(_HILL_RATE, 1.0 / self._n_exceed)
+                    self._hill += step * (math.log(az / clip) - self._hill)
         elif suspicious:
             self._prev = pred + (zc * sigma)
         if spike:
@@ -282,6 +327,15 @@ class SeasonalZScore(_EdgeAlarm):
     def score(self) -> float:
         """Absolute robust z-score of this update's innovation."""
         return abs(self._z)
+
+    @property
+    def _z_threshold(self) -> float:
+        # Normal quantile unless the innovations show a heavier tail than normal noise would
+        # (exceedance rate beyond `clip` over twice the normal one): then extrapolate the tail
+        # with a Pareto fit (Hill 1975) to the per-update spike budget, never below normal.
+        if self._q <= 2.0 * self._p0:
+            return self._z_normal
+        return max(self._z_normal, self.clip * (self._q / self._alpha_spike) ** self._hill)
 
     @property
     def threshold(self) -> float:
@@ -358,6 +412,10 @@ class SeasonalZScore(_EdgeAlarm):
             "kind": self._kind,
             "n_spikes": self._n_spikes,
             "n_level_shifts": self._n_level_shifts,
+            "q": self._q,
+            "hill": self._hill,
+            "n_tail": self._n_tail,
+            "n_exceed": self._n_exceed,
             **self._edge_state(),
         }
 
@@ -365,13 +423,15 @@ class SeasonalZScore(_EdgeAlarm):
     def from_state(cls, state: dict) -> SeasonalZScore:
         """Rebuild a detector from ``to_state()``."""
         det = cls(**state["params"])
-        for name in ("level", "var", "c0", "c1", "phi", "prev", "up", "down", "z"):
+        for name in ("level", "var", "c0", "c1", "phi", "prev", "up", "down", "z", "q", "hill"):
             setattr(det, "_" + name, float(state[name]))
         det._t0 = None if state["t0"] is None else float(state["t0"])
         det._n = int(state["n"])
         det._season = [float(v) for v in state["season"]]
         det._visits = [float(v) for v in state["visits"]]
         det._calm = int(state["calm"])
+        det._n_tail = int(state["n_tail"])
+        det._n_exceed = int(state["n_exceed"])
         det._kind = state["kind"]
         det._n_spikes = int(state["n_spikes"])
         det._n_level_shifts = int(state["n_level_shifts"])

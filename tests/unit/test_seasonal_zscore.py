@@ -11,10 +11,10 @@ STEP = 300.0  # 5-minute intervals
 DAY = 288
 
 
-def seasonal_series(rng, days, phi=0.0, sd=2.0):
+def seasonal_series(rng, days, phi=0.0, sd=2.0, df=None):
     """Daily (two harmonics) seasonal series with AR(1) noise of marginal sd ``sd``."""
     t = np.arange(days * DAY) * STEP
-    e = rng.standard_normal(t.size)
+    e = rng.standard_normal(t.size) if df is None else rng.standard_t(df, t.size)
     r = np.empty_like(e)
     r[0] = e[0]
     for i in range(1, t.size):
@@ -129,6 +129,25 @@ def test_false_alarms_within_budget_on_seasonal_series(phi):
         alarms += det.n_alarms
         n += x.size
     assert alarms / n * 1e4 <= (2 if phi == 0 else 10)
+
+
+@pytest.mark.slow
+def test_heavy_tailed_noise_raises_the_spike_threshold_not_the_alarm_rate():
+    rng = np.random.default_rng(6)
+    alarms = n = 0
+    for _ in range(8):
+        t, x = seasonal_series(rng, 14, df=3)
+        det = SeasonalZScore(expected_run_length=10_000)
+        feed(det, x, t)
+        alarms += det.n_alarms
+        n += x.size
+        assert det.threshold > 2 * normal_isf(1 / 40_000)  # learned a Pareto tail
+    assert alarms / n * 1e4 <= 10
+    # Normal noise keeps the normal quantile.
+    t, x = seasonal_series(rng, 6)
+    det = SeasonalZScore()
+    feed(det, x, t)
+    assert det.threshold == normal_isf(1 / 40_000)
 
 
 def test_state_round_trip_is_exact():
