@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from armguard.detectors import LogHistogram, Summary, TwoSampleDrift, WindowDrift
@@ -260,3 +262,25 @@ def test_invalid_params_are_named(kw):
             cls(**kw)
     with pytest.raises(ValueError, match="window_intervals"):
         WindowDrift(window_intervals=0)
+
+
+# -- invariants (hypothesis) -----------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    a=st.lists(st.integers(0, 50), min_size=3, max_size=40),
+    b=st.lists(st.integers(0, 50), min_size=3, max_size=40),
+)
+def test_distances_are_symmetric_nonnegative_and_zero_on_identical_inputs(a, b):
+    a = np.array([*a, 1])
+    b = np.array([*b, 1])
+    x, y = grid_bins(a), grid_bins(b)
+    ab = histogram_distances(x, y, alpha=1e-3)
+    ba = histogram_distances(y, x, alpha=1e-3)
+    aa = histogram_distances(x, x, alpha=1e-3)
+    for d in DISTANCES:
+        assert ab[d]["raw"] >= -1e-15
+        assert ab[d]["raw"] == pytest.approx(ba[d]["raw"], rel=1e-9, abs=1e-15)
+        assert ab[d]["threshold"] == pytest.approx(ba[d]["threshold"], rel=1e-9, abs=1e-15)
+        assert aa[d]["raw"] == pytest.approx(0.0, abs=1e-12)

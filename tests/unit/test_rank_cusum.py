@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from armguard.detectors import RankCUSUM
@@ -234,3 +236,20 @@ def test_non_finite_input_is_rejected():
     det = RankCUSUM()
     with pytest.raises(ValueError, match="finite"):
         det.update(float("nan"))
+
+
+# -- invariants (hypothesis) -----------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.01, 100.0), shift=st.floats(-1e3, 1e3))
+def test_alarms_invariant_under_increasing_transforms(seed, scale, shift):
+    # Ranks only: any strictly increasing map of the data gives the same alarms and scores.
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(0, 1, 150), rng.normal(1.5, 1, 60)])
+    a, b, c = RankCUSUM(), RankCUSUM(), RankCUSUM()
+    for xi in x.tolist():
+        a.update(xi)
+        b.update(shift + scale * xi)
+        c.update(math.exp(xi / 4))
+        assert a.to_dict() == b.to_dict() == c.to_dict()
