@@ -220,6 +220,7 @@ class _HistogramDrift(_EdgeAlarm):
         max_bins: int,
         min_expected: float,
         clear_fraction: float,
+        min_effect: float,
     ) -> None:
         self.expected_run_length = check_run_length(expected_run_length)
         if distance not in DISTANCES:
@@ -242,6 +243,13 @@ class _HistogramDrift(_EdgeAlarm):
         ):
             raise ValueError(f"clear_fraction must be a number in [0, 1], got {clear_fraction!r}")
         self.clear_fraction = float(clear_fraction)
+        if (
+            isinstance(min_effect, bool)
+            or not isinstance(min_effect, int | float)
+            or not 0 <= min_effect < math.inf
+        ):
+            raise ValueError(f"min_effect must be a finite number >= 0, got {min_effect!r}")
+        self.min_effect = float(min_effect)
         self._distances: dict[str, float] = {}
         self._score = 0.0
         self._threshold = 0.0
@@ -253,6 +261,7 @@ class _HistogramDrift(_EdgeAlarm):
             "max_bins": self.max_bins,
             "min_expected": self.min_expected,
             "clear_fraction": self.clear_fraction,
+            "min_effect": self.min_effect,
         }
 
     def _evaluate(self, a, b) -> None:
@@ -265,7 +274,9 @@ class _HistogramDrift(_EdgeAlarm):
         )
         self._distances = {name: res[name]["corrected"] for name in DISTANCES}
         self._score = res[self.distance]["corrected"]
-        self._threshold = res[self.distance]["threshold"]
+        # Statistical threshold, raised to the smallest drift worth an alarm if one is set:
+        # on very large windows a real but negligible difference is significant.
+        self._threshold = max(res[self.distance]["threshold"], self.min_effect)
         if self._score > self._threshold:
             self._set_level(True)
         elif self._in_alarm:

@@ -53,6 +53,10 @@ class WindowDrift(_HistogramDrift):
         Each merged bin expects at least this many values in the smaller window.
     clear_fraction
         An alarm clears when ``score <= clear_fraction * threshold``.
+    min_effect
+        Smallest corrected distance worth an alarm (0 = any statistically significant drift);
+        the threshold is the larger of this and the calibrated one. Useful on large windows,
+        where a real but negligible difference is significant (e.g. 0.1 for PSI, 0.05 for KS).
 
     Examples
     --------
@@ -85,8 +89,11 @@ class WindowDrift(_HistogramDrift):
         max_bins: int = 20,
         min_expected: float = 5.0,
         clear_fraction: float = 0.5,
+        min_effect: float = 0.0,
     ):
-        self._init_drift(expected_run_length, distance, max_bins, min_expected, clear_fraction)
+        self._init_drift(
+            expected_run_length, distance, max_bins, min_expected, clear_fraction, min_effect
+        )
         for name, value in (
             ("reference_intervals", reference_intervals),
             ("window_intervals", window_intervals),

@@ -165,6 +165,18 @@ def test_two_sample_drift_alarm_is_an_edge_with_hysteresis():
     assert set(det.to_dict()["distances"]) == set(DISTANCES)
 
 
+def test_min_effect_floors_the_threshold():
+    rng = np.random.default_rng(9)
+    control = Summary.from_values(rng.normal(10, 1, 200_000))
+    treatment = Summary.from_values(rng.normal(10.03, 1, 200_000))  # real but negligible
+    strict = TwoSampleDrift(distance="ks")
+    lenient = TwoSampleDrift(distance="ks", min_effect=0.05)
+    strict.update(treatment, control)
+    lenient.update(treatment, control)
+    assert strict.alarm and not lenient.alarm
+    assert lenient.threshold == 0.05 and lenient.score == strict.score
+
+
 def test_two_sample_drift_holds_on_empty_input():
     det = TwoSampleDrift()
     det.update(Summary(), Summary.from_values(np.ones(10)))
@@ -254,6 +266,7 @@ def test_state_round_trip_is_exact(cls):
         {"max_bins": 1},
         {"min_expected": 0},
         {"clear_fraction": 2},
+        {"min_effect": -0.1},
     ],
 )
 def test_invalid_params_are_named(kw):
