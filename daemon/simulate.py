@@ -14,9 +14,12 @@ event time ``start_ts + i / rate``, and block ``b`` is drawn from its own genera
 ``(seed, b)``, so the same scenario, seed and ``block_records`` give the same bytes in any order
 of access. The sinks (file, stdout, Kafka) are in :mod:`armguard.daemon.simulate_sinks`.
 
-Units are sticky: a unit's arm in an experiment is a hash of the seed, the experiment and the unit,
-compared with the allocation's cumulative shares, as a feature-flag service buckets users. Without
-a unit pool (``units: null``) each record's arm is drawn independently.
+Units are sticky: a unit's bucket in an experiment is its place in a pseudo-random permutation of
+the pool keyed by the seed and the experiment, compared with the allocation's cumulative shares,
+as a feature-flag service buckets users. A permutation rather than a hash, so the pool splits
+exactly as designed (to one unit): records pick units uniformly, so each arm's share of records is
+the designed share, and a sample-ratio test on a long healthy run stays quiet. Without a unit pool
+(``units: null``) each record's arm is drawn independently.
 
 Examples
 --------
@@ -598,6 +601,33 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed pseudo-random permutation of ``range(n)``, applied to each element of ``x``.
+
+    A four-round Feistel network on the smallest even number of bits covering ``n`` (a bijection
+    of ``range(2**bits)``), with cycle walking to stay inside ``range(n)``: no table, so a pool
+    of any size costs nothing to keep.
+    """
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = [np.uint64(_stable_int(key, r) & 0xFFFFFFFFFFFFFFFF) for r in range(4)]
+
+    def rounds(v: np.ndarray) -> np.ndarray:
+        left, right = v >> half, v & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << half) | right
+
+    out = rounds(np.asarray(x, dtype=np.uint64))
+    outside = np.flatnonzero(out >= np.uint64(n))
+    while len(outside):
+        out[outside] = rounds(out[outside])
+        outside = outside[out[outside] >= np.uint64(n)]
+    return out
+
+
 def _stable_int(*parts: object) -> int:
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
@@ -832,8 +862,10 @@ class Simulation:
         for k, e in enumerate(self._exps):
             rows = np.flatnonzero(exp == k) if len(self._exps) > 1 else idx - first
             if units is not None:
-                # Sticky bucketing: a unit's position in [0, 1) is a hash of seed, experiment, unit.
-                u = (_mix64(units[rows].astype(np.uint64) ^ e.salt) >> np.uint64(11)) * 2.0**-53
+                # Sticky bucketing: the unit's place in the experiment's permutation of the pool.
+                u = (_permute(units[rows], self.scenario.units, int(e.salt)) + 0.5) / (
+                    self.scenario.units
+                )
             else:
                 u = free_u[rows]
             a = np.searchsorted(e.thresholds, u, side="right")
