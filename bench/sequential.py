@@ -4,8 +4,9 @@ For each case it prints the A/A false-positive rate (a look after every batch, u
 horizon) with a 95% Wilson interval, and the median and 90th percentile of the samples per arm
 needed to detect the effect, for:
 
-* armguard with the default ``tuning_n`` and with ``tuning_n_for(effect)`` (the mixture tuned to
-  the smallest effect the guardrail must catch), one-sided in the harmful direction;
+* armguard, one-sided in the harmful direction: with the default ``tuning_n``, with
+  ``tuning_n_for(effect)`` (the half-normal mixture tuned to the smallest effect the guardrail
+  must catch), and with ``effect=`` (the mixture centred on that effect);
 * savvi 0.3 (Lindon et al.): the anytime-valid linear-model t-test (``LinearRegression``,
   ``y ~ 1 + treatment``) for means and proportions, with its default ``phi = 1`` and with ``phi``
   matched to armguard's tuning; ``Multinomial`` (default ``k = 100``) for SRM.
@@ -214,9 +215,11 @@ def tuned_n(case):
 def run_two_arm(case, rng, paths, aa_paths):
     cls = ProportionDifferenceTest if case.kind == "binary" else MeanDifferenceTest
     tn = tuned_n(case)
+    effect = abs(case.effect)
     methods = {
         "armguard default": cls(alpha=ALPHA, harmful=case.harmful),
         f"armguard tuned (tuning_n={tn:,})": cls(alpha=ALPHA, harmful=case.harmful, tuning_n=tn),
+        f"armguard effect={effect:g}": cls(alpha=ALPHA, harmful=case.harmful, effect=effect),
     }
     c_two = _mixture.tuning_constant(ALPHA, "two")
     savvi_methods = {"savvi phi=1 (default)": 1.0, "savvi phi matched": tn / (2 * c_two)}

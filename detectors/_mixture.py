@@ -60,6 +60,87 @@ def log_mixture(z: float, ct: float, sided: str) -> float:
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
 
+def log_norm_cdf_array(x: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`log_norm_cdf`."""
+    x = np.asarray(x, dtype=np.float64)
+    x_left = np.minimum(x, _TAIL)
+    u = 1.0 / (x_left * x_left)
+    series = u * (-1.0 + u * (3.0 + u * (-15.0 + u * 105.0)))
+    tail = -0.5 / u - np.log(-x_left) - _LOG_SQRT_2PI + np.log1p(series)
+    with np.errstate(divide="ignore"):
+        centre = np.log(0.5 * np.asarray(_erfc(-np.maximum(x, _TAIL) / _SQRT2), dtype=np.float64))
+    return np.where(x > _TAIL, centre, tail)
+
+
+def log_truncated_mixture(u: float, mu: float, rho: float) -> float:
+    """log of the one-sided mixture with a normal prior truncated to harmful effects.
+
+    The estimate of the contrast is ``d ~ N(delta, se^2)`` and the harmful side is
+    ``delta > 0``; the likelihood ratios ``exp((delta d - delta^2 / 2) / se^2)`` are mixed over
+    ``delta ~ N(m, v)`` restricted to ``delta >= 0``. In standard-error units,
+    ``u = d / se``, ``mu = m / se``, ``rho = se^2 / v``:
+
+    ``log M = (u + mu rho)^2 / (2 (1 + rho)) - mu^2 rho / 2 - log(1 + 1/rho) / 2
+    + log Phi((u + mu rho) / sqrt(1 + rho)) - log Phi(mu sqrt(rho))``.
+
+    ``mu = 0`` is the half-normal mixture (``rho = 1 / (c t)``) of :func:`log_mixture`.
+    """
+    if math.isinf(u):
+        return LOG_E_CAP if u > 0 else -LOG_E_CAP
+    w = u + mu * rho
+    value = (
+        w * w / (2.0 * (1.0 + rho))
+        - 0.5 * mu * mu * rho
+        - 0.5 * math.log1p(1.0 / rho)
+        + log_norm_cdf(w / math.sqrt(1.0 + rho))
+        - log_norm_cdf(mu * math.sqrt(rho))
+    )
+    return min(value, LOG_E_CAP)
+
+
+def log_truncated_mixture_array(u: np.ndarray, mu: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`log_truncated_mixture`."""
+    u = np.asarray(u, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        w = u + mu * rho
+        value = (
+            w * w / (2.0 * (1.0 + rho))
+            - 0.5 * mu * mu * rho
+            - 0.5 * np.log1p(1.0 / rho)
+            + log_norm_cdf_array(w / np.sqrt(1.0 + rho))
+            - log_norm_cdf_array(mu * np.sqrt(rho))
+        )
+        value = np.where(np.isinf(u), np.where(u > 0, LOG_E_CAP, -LOG_E_CAP), value)
+    return np.minimum(value, LOG_E_CAP)
+
+
+def log_mean_exp(a: float, b: float) -> float:
+    """log((exp(a) + exp(b)) / 2) without overflow."""
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi + math.log1p(math.exp(lo - hi)) - _LOG2
+
+
+def solve_increasing(f, target: float, start: float = 4.0) -> float:
+    """Smallest ``x >= 0`` with ``f(x) >= target`` for ``f`` increasing on [0, inf)."""
+    if f(0.0) >= target:
+        return 0.0
+    hi = start
+    while f(hi) < target:
+        hi *= 2.0
+        if hi > 1e6:
+            return hi
+    lo = 0.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if f(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi
+
+
 def log_mixture_array(z: np.ndarray, ct: np.ndarray, sided: str) -> np.ndarray:
     """Vectorised :func:`log_mixture` (for simulations over many paths)."""
     z = np.asarray(z, dtype=np.float64)
@@ -68,13 +149,7 @@ def log_mixture_array(z: np.ndarray, ct: np.ndarray, sided: str) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         value = -0.5 * np.log1p(ct) + 0.5 * shrink * z * z
         if sided == "one":
-            x = z * np.sqrt(shrink)
-            x_left = np.minimum(x, _TAIL)
-            u = 1.0 / (x_left * x_left)
-            series = u * (-1.0 + u * (3.0 + u * (-15.0 + u * 105.0)))
-            tail = -0.5 / u - np.log(-x_left) - _LOG_SQRT_2PI + np.log1p(series)
-            centre = np.log(0.5 * _erfc(-np.maximum(x, _TAIL) / _SQRT2).astype(np.float64))
-            value = value + _LOG2 + np.where(x > _TAIL, centre, tail)
+            value = value + _LOG2 + log_norm_cdf_array(z * np.sqrt(shrink))
         value = np.where(
             np.isinf(z), np.where((z > 0) | (sided == "two"), LOG_E_CAP, -LOG_E_CAP), value
         )

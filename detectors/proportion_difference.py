@@ -36,8 +36,13 @@ class ProportionDifferenceTest(_TwoArmMixtureTest):
         control proportion when ``relative_margin`` is True (then in [0, 1)).
     relative_margin
         Read ``margin`` as a fraction of the control proportion.
+    effect
+        Smallest harmful change beyond the margin that must be caught quickly (proportion
+        points, or a fraction of the control proportion with ``relative_margin``): centres the
+        mixture on it, as in :class:`MeanDifferenceTest`. None uses ``tuning_n``.
     tuning_n
-        Per-arm sample size at which the confidence sequence is tightest (default 10,000).
+        Per-arm sample size at which the confidence sequence is tightest when no ``effect`` is
+        given (default 10,000; see :meth:`tuning_n_for`).
     min_samples
         Looks before both arms have this many units never breach and do not count.
 

@@ -23,7 +23,9 @@ class TestResult:
     Parameters
     ----------
     method
-        Name of the test, e.g. ``"mean-difference/mixture-one-sided"``.
+        Name of the test, e.g. ``"mean-difference/mixture-one-sided-tuned"`` (half-normal
+        mixture tuned by ``tuning_n``) or ``".../mixture-two-sided-effect"`` (mixture centred on
+        the stated effect).
     breached
         True once the always-valid p-value has reached ``alpha`` with ``min_samples`` per arm
         (sticky: it stays True on later looks). Always False while ``min_samples_reached`` is

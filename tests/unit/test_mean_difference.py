@@ -122,6 +122,65 @@ def test_aa_at_the_margin_false_positive_rate_at_most_alpha(harmful, margin, rel
     assert sp.rate_minus_error(hits) <= 0.05
 
 
+@pytest.mark.parametrize(
+    ("harmful", "margin", "relative", "true_effect", "effect"),
+    [
+        ("increase", 0.0, False, 0.0, 0.2),
+        ("increase", 0.5, False, 0.5, 0.05),  # at the margin, a small stated effect
+        ("decrease", 0.5, False, -0.5, 1.0),
+        ("increase", 0.1, True, 0.1, 0.02),
+        ("any", 0.0, False, 0.0, 0.2),
+        ("any", 0.5, False, -0.5, 0.2),
+    ],
+)
+def test_aa_effect_centred_mixture_false_positive_rate_at_most_alpha(
+    harmful, margin, relative, true_effect, effect
+):
+    rng = np.random.default_rng(15)
+    test = MeanDifferenceTest(
+        alpha=0.05, harmful=harmful, margin=margin, relative_margin=relative, effect=effect
+    )
+    mean_t = 5.0 * (1 + true_effect) if relative else 5.0 + true_effect
+    c = sp.gaussian(rng, P, LOOKS, BATCH, 5.0, 2.0)
+    t = sp.gaussian(rng, P, LOOKS, BATCH, mean_t, 2.0)
+    hits = sp.first_crossing(test._log_e_paths(c, t), 0.05) >= 0
+    assert sp.rate_minus_error(hits) <= 0.05
+
+
+def test_effect_centred_mixture_detects_sooner_than_the_tuned_half_normal():
+    rng = np.random.default_rng(16)
+    c = sp.gaussian(rng, 1000, 600, 25, 100.0, 30.0)
+    t = sp.gaussian(rng, 1000, 600, 25, 102.0, 30.6)
+    tuned = MeanDifferenceTest(tuning_n=MeanDifferenceTest.tuning_n_for(effect=2.0, sd=30.3))
+    centred = MeanDifferenceTest(effect=2.0)
+    d_tuned = sp.first_crossing(tuned._log_e_paths(c, t), 0.05)
+    d_centred = sp.first_crossing(centred._log_e_paths(c, t), 0.05)
+    assert (d_centred >= 0).mean() > 0.97 and (d_tuned >= 0).mean() > 0.97
+    assert np.median(d_centred[d_centred >= 0]) < 0.95 * np.median(d_tuned[d_tuned >= 0])
+    assert np.median(d_centred[d_centred >= 0] + 1) * 25 < 3000  # the reference
+
+
+def test_effect_centred_class_matches_paths_and_interval_inverts_the_test():
+    rng = np.random.default_rng(17)
+    for harmful in ("increase", "any"):
+        test = MeanDifferenceTest(harmful=harmful, effect=1.0, margin=0.5)
+        c, t = Summary(), Summary()
+        rows = []
+        for _ in range(25):
+            c.update_many(rng.normal(10.0, 4.0, 40))
+            t.update_many(rng.normal(11.5, 4.0, 40))
+            r = test.update(c, t)
+            rows.append((c.count, c.sum, c.m2, t.count, t.sum, t.m2, math.log(r.e_value)))
+        a = np.array(rows)
+        log_e = test._log_e_paths((a[:, 0], a[:, 1], a[:, 2]), (a[:, 3], a[:, 4], a[:, 5]))
+        np.testing.assert_allclose(log_e, a[:, 6], rtol=1e-9, atol=1e-12)
+        # the lower end of this look's CS is the margin at which this look's evidence is 1/alpha
+        lo = r.confidence_interval[0]
+        at_lo = MeanDifferenceTest(harmful="increase", effect=1.0, margin=lo)
+        if harmful == "increase":
+            assert math.log(at_lo.update(c, t).e_value) == pytest.approx(-math.log(0.05))
+
+
 def test_aa_lognormal_false_positive_rate_at_most_alpha():
     rng = np.random.default_rng(12)
     test = MeanDifferenceTest(alpha=0.05, harmful="any", tuning_n=500)

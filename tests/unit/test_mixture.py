@@ -84,3 +84,38 @@ def test_fieller_interval_contains_the_ratio_and_inverts_the_test():
 def test_log_norm_cdf_far_tail():
     for x in (-5.0, -29.9, -30.1, -40.0, -300.0):
         assert _mixture.log_norm_cdf(x) == pytest.approx(special.log_ndtr(x), rel=1e-9)
+
+
+@pytest.mark.parametrize(("mu", "rho"), [(0.0, 0.3), (2.0, 1.0), (5.0, 0.16), (0.5, 16.0)])
+def test_truncated_mixture_is_the_integral_of_likelihood_ratios(mu, rho):
+    # d ~ N(delta, se^2) with se = 1: LR(delta) = exp(delta u - delta^2 / 2), delta ~ N(mu, 1/rho)
+    # truncated to delta >= 0.
+    sd = 1.0 / math.sqrt(rho)
+    mass = stats.norm.sf(0.0, loc=mu, scale=sd)
+    for u in (-2.0, 0.0, 1.5, 4.0):
+
+        def integrand(delta, u=u):
+            return math.exp(delta * u - delta * delta / 2) * stats.norm.pdf(delta, mu, sd) / mass
+
+        value, _ = integrate.quad(integrand, 0.0, np.inf)
+        assert _mixture.log_truncated_mixture(u, mu, rho) == pytest.approx(
+            math.log(value), rel=1e-7, abs=1e-9
+        )
+        got = _mixture.log_truncated_mixture_array(np.array([u]), mu, rho)[0]
+        assert got == pytest.approx(_mixture.log_truncated_mixture(u, mu, rho), rel=1e-12)
+
+
+def test_truncated_mixture_at_zero_centre_is_the_half_normal():
+    for ct in (0.05, 1.0, 20.0):
+        for u in (-3.0, 0.0, 2.0, 8.0):
+            assert _mixture.log_truncated_mixture(u, 0.0, 1.0 / ct) == pytest.approx(
+                _mixture.log_mixture(u, ct, "one"), rel=1e-12, abs=1e-12
+            )
+
+
+def test_average_of_two_half_normals_is_the_two_sided_mixture():
+    for u in (-4.0, -0.5, 0.0, 2.5):
+        avg = _mixture.log_mean_exp(
+            _mixture.log_mixture(u, 3.0, "one"), _mixture.log_mixture(-u, 3.0, "one")
+        )
+        assert avg == pytest.approx(_mixture.log_mixture(u, 3.0, "two"), rel=1e-12, abs=1e-12)

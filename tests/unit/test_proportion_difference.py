@@ -50,19 +50,23 @@ def test_no_event_yet_gives_finite_evidence():
 
 
 @pytest.mark.parametrize(
-    ("p", "batch", "harmful", "tuning_n"),
+    ("p", "batch", "harmful", "tuning_n", "effect"),
     [
-        (0.001, 1000, "increase", 10_000),  # rare: ~1 error per look per arm
-        (0.001, 1000, "increase", 500),  # rare and tuned early (the hard case)
-        (0.001, 1000, "any", 10_000),
-        (0.01, 200, "increase", 2000),
-        (0.1, 100, "decrease", 5000),
-        (0.5, 20, "any", 100),
+        (0.001, 1000, "increase", 10_000, None),  # rare: ~1 error per look per arm
+        (0.001, 1000, "increase", 500, None),  # rare and tuned early (the hard case)
+        (0.001, 1000, "any", 10_000, None),
+        (0.001, 1000, "increase", 10_000, 0.0005),  # rare, mixture centred on +0.05 pp
+        (0.001, 1000, "increase", 10_000, 0.01),  # rare, centred on a large effect
+        (0.01, 200, "increase", 2000, None),
+        (0.01, 200, "any", 2000, 0.003),
+        (0.1, 100, "decrease", 5000, None),
+        (0.1, 100, "decrease", 5000, 0.01),
+        (0.5, 20, "any", 100, None),
     ],
 )
-def test_aa_binary_false_positive_rate_at_most_alpha(p, batch, harmful, tuning_n):
+def test_aa_binary_false_positive_rate_at_most_alpha(p, batch, harmful, tuning_n, effect):
     rng = np.random.default_rng(int(p * 1e4) + batch + tuning_n)
-    test = ProportionDifferenceTest(alpha=0.05, harmful=harmful, tuning_n=tuning_n)
+    test = ProportionDifferenceTest(alpha=0.05, harmful=harmful, tuning_n=tuning_n, effect=effect)
     c = sp.binary(rng, 4000, 200, batch, p)
     t = sp.binary(rng, 4000, 200, batch, p)
     hits = sp.first_crossing(test._log_e_paths(c, t), 0.05) >= 0
