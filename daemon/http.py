@@ -156,6 +156,7 @@ class HttpServer:
         token = settings.bearer_token
         self._token = token.get_secret_value().encode() if token is not None else None
         self._routes: dict[str, _Route] = {}
+        self._prefixes: dict[str, _Route] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._collector: _HealthCollector | None = None
@@ -177,22 +178,41 @@ class HttpServer:
         *,
         methods: Iterable[str] = ("GET",),
         public: bool = False,
+        prefix: bool = False,
     ) -> None:
-        """Serve ``path`` (exact match) with ``handler``; GET routes answer HEAD too.
+        """Serve ``path`` with ``handler``; GET routes answer HEAD too.
 
         ``public`` routes skip the bearer token check (the probes must work without it).
+        ``prefix`` routes (``path`` ending in ``/``) serve every path below ``path``, e.g.
+        ``/status/`` for ``/status/ranker-v2``; the handler reads ``request.path``. Exact routes
+        win, then the longest prefix.
         """
         if not path.startswith("/"):
             raise ValueError(f"a route path starts with '/': {path!r}")
+        if prefix and not path.endswith("/"):
+            raise ValueError(f"a prefix route ends with '/': {path!r}")
         allowed = {m.upper() for m in methods}
         if "GET" in allowed:
             allowed.add("HEAD")
-        self._routes[path] = _Route(handler, frozenset(allowed), public)
+        route = _Route(handler, frozenset(allowed), public)
+        if prefix:
+            self._prefixes[path] = route
+        else:
+            self._routes[path] = route
+
+    def _find(self, path: str) -> _Route | None:
+        route = self._routes.get(path)
+        if route is not None:
+            return route
+        for p in sorted(self._prefixes, key=len, reverse=True):
+            if path.startswith(p) and len(path) > len(p):
+                return self._prefixes[p]
+        return None
 
     @property
     def routes(self) -> list[str]:
-        """The served paths, sorted."""
-        return sorted(self._routes)
+        """The served paths, sorted (prefix routes end in ``/``)."""
+        return sorted([*self._routes, *self._prefixes])
 
     def _metrics(self, request: Request) -> Response:
         # Rendered on the event loop on purpose: collectors read the evaluator's live state.
@@ -362,7 +382,7 @@ class HttpServer:
         return request, keep_alive
 
     async def _dispatch(self, request: Request) -> Response:
-        route = self._routes.get(request.path)
+        route = self._find(request.path)
         if route is None:
             return Response.text("not found\n", 404)
         if request.method not in route.methods:

@@ -268,3 +268,18 @@ async def test_port_in_use_fails_cleanly(server, registry, health):
     with pytest.raises(OSError):
         await other.start()
     assert other.port is None
+
+
+async def test_prefix_routes(server):
+    async def one(req):
+        return Response.json({"experiment": req.path.removeprefix("/status/")})
+
+    server.add_route("/status/", one, prefix=True)
+    server.add_route("/status/special", lambda req: Response.text("special\n"))
+    status, _, body = await request(server.port, get("/status/ranker-v2"))
+    assert status == 200 and orjson.loads(body) == {"experiment": "ranker-v2"}
+    assert (await request(server.port, get("/status/special")))[2] == b"special\n"
+    assert (await request(server.port, get("/status/")))[0] == 404  # nothing below the prefix
+    assert "/status/" in server.routes
+    with pytest.raises(ValueError, match="ends with"):
+        server.add_route("/x", one, prefix=True)
