@@ -48,6 +48,7 @@ def cusum_run_length(h: float, k: float) -> float:
     return (math.exp(x) - x - 1.0) / (2.0 * k * k)
 
 
+@lru_cache(maxsize=256)
 def cusum_threshold(run_length: float, k: float) -> float:
     """Smallest CUSUM threshold ``h`` whose Siegmund run length reaches ``run_length``."""
     lo, hi = 0.0, 1.0

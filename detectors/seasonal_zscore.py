@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from ._calibration import check_run_length, cusum_threshold, normal_isf
 from ._edge import _EdgeAlarm
@@ -12,6 +13,7 @@ _TAIL_RATE = 0.001  # exceedance rate of |z| > clip: about 1,000 updates of memo
 _HILL_RATE = 0.02  # log-excess mean: about 50 exceedances of memory
 
 
+@lru_cache(maxsize=16)
 def _normal_log_excess(c: float) -> float:
     """E[log(|Z| / c) | |Z| > c] for standard normal Z (Hill statistic of a normal tail)."""
     step = 1e-3
@@ -56,9 +58,10 @@ class SeasonalZScore(_EdgeAlarm):
     The spike threshold is the two-sided normal quantile, unless the innovations turn out
     heavier-tailed than normal (their rate beyond ``clip`` sigmas over twice the normal rate):
     then it extrapolates a Pareto tail fitted beyond ``clip`` (Hill's estimator on non-spike
-    updates) to the spike budget, so heavy-tailed noise does not spend the budget. No alarm is raised before ``warmup_s`` seconds of event time, while
-    the seasonal profile is learned. An incident (spike or shift) is one alarm; ``in_alarm``
-    clears after ``clear_after`` consecutive normal updates.
+    updates) to the spike budget, so heavy-tailed noise does not spend the budget. No alarm is
+    raised before ``warmup_s`` seconds of event time, while the seasonal profile is learned. An
+    incident (spike or shift) is one alarm; ``in_alarm`` clears after ``clear_after``
+    consecutive normal updates.
 
     Parameters
     ----------
