@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from armguard.daemon.errors import ConfigError
 from armguard.daemon.experiments import load_experiments, parse_experiments
@@ -767,3 +769,41 @@ def test_ingest_contract_gives_each_bad_kind_its_reason_and_accepts_the_good():
                 assert verdict.reason == INGEST_REASONS[names[bad]], (names[bad], verdict)
                 seen.add(names[bad])
     assert seen == set(names)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    rate=st.floats(0.5, 1e5),
+    records=st.integers(0, 3000),
+    block=st.integers(1, 1200),
+    units=st.one_of(st.none(), st.integers(1, 10**7)),
+)
+def test_any_scenario_gives_ordered_well_formed_records(seed, rate, records, block, units):
+    s = sim(seed=seed, rate=rate, records=records, block_records=block, units=units)
+    batches = list(s.batches())
+    assert sum(len(b) for b in batches) == records
+    ts = np.concatenate([b.ts for b in batches]) if batches else np.array([])
+    assert np.all(np.diff(ts) >= 0)
+    for b in batches[:2]:
+        for v in b.values[:20]:
+            r = orjson.loads(v)
+            assert r["experiment"] == "ranker-v2" and r["arm"] in EXPS.experiments[0].arms
+            assert ("unit" in r) == (units is not None)
+            if units is not None:
+                assert 0 <= int(r["unit"][1:]) < units
+
+
+def test_help_lists_every_option():
+    from armguard.daemon.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["simulate"].format_help()
+    for flag in (
+        "--settings", "--experiments", "--scenario", "--records", "--duration-s", "--rate",
+        "--pace", "--seed", "--start-ts", "--output", "--kafka", "--topic", "--key-by",
+        "--partitions",
+    ):  # fmt: skip
+        assert flag in text
+    assert "config/simulate-demo.yaml" in text
