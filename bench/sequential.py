@@ -48,6 +48,11 @@ else:
     SAVVI_MISSING = ""
 
 ALPHA = 0.05  # guardrail tests
+TARGETS = {  # median samples per arm of the best public method, from the issue
+    "error rate 1.0% -> 1.3%": 17_500,
+    "conversion 10% -> 9%": 11_600,
+    "latency +2% (sd 30%)": 3_000,
+}
 SRM_ALPHA = 0.001
 
 
@@ -243,6 +248,7 @@ def run_two_arm(case, rng, paths, aa_paths):
 def run_srm(case, rng, paths, aa_paths):
     theta = np.array([0.5, 0.5])
     srm = SampleRatioMismatch(allocation={"control": 0.5, "treatment": 0.5}, alpha=SRM_ALPHA)
+    aa_paths = max(aa_paths, 10_000)  # alpha = 0.001 needs many paths to be measured
     aa = rng.multinomial(case.batch, theta, size=(aa_paths, case.looks)).cumsum(1)
     eff = rng.multinomial(case.batch, [0.49, 0.51], size=(paths, case.looks)).cumsum(1)
     per_arm = case.batch / 2
@@ -301,6 +307,8 @@ def main(argv=None):
             med, med_s, p90_s, det = fmt_delay(delay)
             medians[name] = med
             print(f"{name:38s} {p:8.4f} [{lo:.4f}, {hi:.4f}] {med_s:>9s} {p90_s:>9s} {det:9.1%}")
+        if case.name in TARGETS:
+            print(f"issue's reference (one-sided normal-mixture CS): median {TARGETS[case.name]:,}")
         ours = [v for k, v in medians.items() if k.startswith("armguard")]
         theirs = {k: v for k, v in medians.items() if k.startswith("savvi")}
         best_ours = min(ours)
