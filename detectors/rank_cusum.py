@@ -13,15 +13,27 @@ _SQRT3 = math.sqrt(3.0)
 _SQRT5 = math.sqrt(5.0)
 _SQRT7 = math.sqrt(7.0)
 _MAX_RHO = 0.95
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(state: int) -> tuple[int, float]:
+    """One step of SplitMix64 (Steele, Lea and Flood 2014): new state, uniform in [0, 1)."""
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return state, (z >> 11) / 9007199254740992.0
 
 
 class RankCUSUM(_EdgeAlarm):
     """Calibrated change detector for a per-interval metric stream (mean, variance, shape).
 
     Each value ``x`` is turned into its *sequential rank* among the in-control values seen so far,
-    ``u = (#{ref < x} + #{ref == x}/2 + 1/2) / (n_ref + 1)``. Under no change (exchangeable values)
-    sequential ranks are independent and uniform whatever the distribution of ``x`` (Barndorff-
-    Nielsen 1963), so heavy tails and skew cannot inflate false alarms. The first four
+    ``u = (#{ref < x} + 1/2) / (n_ref + 1)``, with a seeded random position inside a block of
+    tied values. Under no change (exchangeable values) sequential ranks are independent and
+    uniform whatever the distribution of ``x`` (Barndorff-Nielsen 1963), so heavy tails, skew
+    and discrete values cannot inflate false alarms. The first four
     orthonormal Legendre polynomials of ``u`` (Neyman's smooth-test components) measure a change
     of location (mean shift), scale (variance change), skewness and kurtosis (shape change with
     the same mean and variance, e.g. normal to bimodal). Each component feeds a two-sided CUSUM
@@ -58,6 +70,9 @@ class RankCUSUM(_EdgeAlarm):
         Values collected (after the start and after each alarm) before the CUSUMs accumulate.
     autocorrelation
         Pre-whiten each component with its lag-1 autocorrelation estimated on the reference.
+    seed
+        Seed of the generator that breaks ties among equal values (randomised ranks keep the
+        calibration on discrete data); the same seed and data give the same alarms.
 
     Examples
     --------
@@ -83,6 +98,8 @@ class RankCUSUM(_EdgeAlarm):
     McDonald, D. (1990). A CUSUM procedure based on sequential ranks. Naval Research Logistics 37,
     627-646.
     Siegmund, D. (1985). Sequential Analysis: Tests and Confidence Intervals. Springer, p. 27.
+    Brockwell, A. E. (2007). Universal residuals: a multivariate transformation. Statistics &
+    Probability Letters 77(14), 1473-1478 (randomised probability integral transform).
     """
 
     def __init__(
@@ -94,6 +111,7 @@ class RankCUSUM(_EdgeAlarm):
         reference_size: int = 1000,
         warmup: int = 30,
         autocorrelation: bool = True,
+        seed: int = 0,
     ):
         self.expected_run_length = check_run_length(expected_run_length)
         if isinstance(shift, bool) or not isinstance(shift, int | float) or not 0 < shift < 4:
@@ -121,6 +139,10 @@ class RankCUSUM(_EdgeAlarm):
         if not isinstance(autocorrelation, bool):
             raise ValueError(f"autocorrelation must be True or False, got {autocorrelation!r}")
         self.autocorrelation = autocorrelation
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        self.seed = seed
+        self._rng_state = seed
 
         self._index = tuple(COMPONENTS.index(c) for c in components)
         self._k = self.shift / 2.0
@@ -148,7 +170,14 @@ class RankCUSUM(_EdgeAlarm):
         n_ref = len(ref)
         lo = bisect_left(ref, x)
         hi = bisect_right(ref, x, lo)
-        u = (lo + 0.5 * (hi - lo) + 0.5) / (n_ref + 1)
+        if hi == lo:
+            u = (lo + 0.5) / (n_ref + 1)
+        else:
+            # Ties (discrete data: counts, rates that are often 0): a mid-rank is not uniform,
+            # a randomised rank within the tied block is (randomised probability integral
+            # transform), so a stream of repeated values cannot fake a scale or shape change.
+            self._rng_state, w = _splitmix64(self._rng_state)
+            u = (lo + (hi - lo + 1) * w) / (n_ref + 1)
         v = 2.0 * u - 1.0
         v2 = v * v
         scores = (
@@ -236,6 +265,7 @@ class RankCUSUM(_EdgeAlarm):
                 "reference_size": self.reference_size,
                 "warmup": self.warmup,
                 "autocorrelation": self.autocorrelation,
+                "seed": self.seed,
             },
             "ref": list(self._ref),
             "n": self._n,
@@ -247,6 +277,7 @@ class RankCUSUM(_EdgeAlarm):
             "down": list(self._down),
             "score": self._score,
             "component": self._component,
+            "rng_state": format(self._rng_state, "016x"),
             **self._edge_state(),
         }
 
@@ -260,5 +291,6 @@ class RankCUSUM(_EdgeAlarm):
             setattr(det, "_" + name, [float(v) for v in state[name]])
         det._score = float(state["score"])
         det._component = state["component"]
+        det._rng_state = int(state["rng_state"], 16)
         det._load_edge_state(state)
         return det

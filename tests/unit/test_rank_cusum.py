@@ -17,6 +17,7 @@ from armguard.detectors._calibration import (
     kolmogorov_isf,
     kolmogorov_sf,
 )
+from armguard.detectors.rank_cusum import _splitmix64
 
 
 def run(det, xs):
@@ -74,9 +75,15 @@ def test_sequential_ranks_and_scores_match_numpy():
     x[50:60] = x[40]  # ties
     det = RankCUSUM(components=("location",), warmup=10, reference_size=150, autocorrelation=False)
     up = down = 0.0
+    rng_state = det.seed
     for t, xt in enumerate(x.tolist()):
         ref = x[: min(t, 150)]
-        u = ((ref < xt).sum() + 0.5 * (ref == xt).sum() + 0.5) / (len(ref) + 1)
+        below, tied = (ref < xt).sum(), (ref == xt).sum()
+        if tied:  # randomised rank inside the tied block
+            rng_state, w = _splitmix64(rng_state)
+            u = (below + (tied + 1) * w) / (len(ref) + 1)
+        else:
+            u = (below + 0.5) / (len(ref) + 1)
         s = math.sqrt(3) * (2 * u - 1)
         det.update(xt)
         if t + 1 > 10:
@@ -160,6 +167,35 @@ def test_false_alarms_within_budget_iid_ar1_heavy_tailed():
     assert false_alarms_per_10k(rng.lognormal(0, 1.5, shape)) <= 2  # skewed
     assert false_alarms_per_10k(ar1(rng, 0.5, shape)) <= 10
     assert false_alarms_per_10k(ar1(rng, 0.8, shape)) <= 10
+
+
+def test_splitmix64_matches_the_reference_sequence():
+    # First outputs of SplitMix64 from seed 0 (Vigna's reference implementation).
+    state, outputs = 0, []
+    for _ in range(3):
+        state, w = _splitmix64(state)
+        outputs.append(int(w * 2**53) << 11)
+    assert [o >> 11 for o in outputs] == [
+        0xE220A8397B1DCDAF >> 11,
+        0x6E789E6AA1B965F4 >> 11,
+        0x06C45D188009454F >> 11,
+    ]
+
+
+def test_tied_and_discrete_streams_stay_within_budget():
+    det = RankCUSUM()
+    run(det, np.ones(3000))
+    assert det.n_alarms == 0
+    rng = np.random.default_rng(13)
+    for lam in (0.05, 0.3, 3.0):  # per-interval counts, mostly zeros for small lam
+        assert false_alarms_per_10k(rng.poisson(lam, (10, 5000)).astype(float)) <= 2, lam
+    # and a doubling of a small rate is still found
+    found = 0
+    for _ in range(20):
+        det = RankCUSUM()
+        run(det, rng.poisson(0.3, 500).astype(float))
+        found += bool(run(det, rng.poisson(0.6, 1000).astype(float)))
+    assert found >= 18
 
 
 def delays(rng, post, n_pre=500):
