@@ -7,6 +7,8 @@ import math
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from armguard.detectors import MeanDifferenceTest, Summary, _mixture, split_alpha
@@ -367,3 +369,34 @@ def test_state_round_trip_mid_stream_is_exact():
 def test_invalid_parameters_name_the_valid_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MeanDifferenceTest(**kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    looks=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=12),
+    harmful=st.sampled_from(["increase", "decrease", "any"]),
+    margin=st.sampled_from([0.0, 0.3]),
+    effect=st.sampled_from([None, 0.5]),
+    shift=st.floats(-1.0, 1.0),
+)
+def test_invariants_on_arbitrary_look_sequences(seed, looks, harmful, margin, effect, shift):
+    rng = np.random.default_rng(seed)
+    test = MeanDifferenceTest(
+        alpha=0.05, harmful=harmful, margin=margin, effect=effect, tuning_n=100, min_samples=5
+    )
+    c, t = Summary(), Summary()
+    p_prev, was_breached = 1.0, False
+    for n_c, n_t in looks:
+        c.update_many(rng.normal(0.0, 1.0, n_c))
+        t.update_many(rng.normal(shift, 1.0, n_t))
+        r = test.update(c, t)
+        assert 0.0 < r.p_value <= p_prev
+        p_prev = r.p_value
+        assert r.breached == (r.min_samples_reached and r.p_value <= 0.05)
+        assert r.breached or not was_breached  # sticky
+        was_breached = r.breached
+        if r.confidence_interval is not None:
+            lo, hi = r.confidence_interval
+            assert lo <= r.estimate <= hi
+        _ = orjson.dumps(r.to_dict())
