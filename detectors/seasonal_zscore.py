@@ -86,6 +86,11 @@ class SeasonalZScore(_EdgeAlarm):
         Event time (seconds since the first update) before alarms are allowed.
     clear_after
         Consecutive normal updates that end an incident.
+    min_scale
+        Floor on ``sigma`` in the units of ``x`` (0 = none). Sparse counts (mostly 0, now and
+        then 1) have a robust scale near 0 and every event looks like a spike; set it to the
+        smallest change worth a z of 1 (e.g. 1.0 for counts), or watch such series with
+        :class:`RankCUSUM`, which handles ties.
 
     Examples
     --------
@@ -130,6 +135,7 @@ class SeasonalZScore(_EdgeAlarm):
         clip: float = 3.0,
         warmup_s: float = 2 * 86_400.0,
         clear_after: int = 2,
+        min_scale: float = 0.0,
     ):
         self.expected_run_length = check_run_length(expected_run_length)
         for name, value, lo, hi in (
@@ -167,6 +173,13 @@ class SeasonalZScore(_EdgeAlarm):
         self.clip = float(clip)
         self.warmup_s = float(warmup_s)
         self.clear_after = clear_after
+        if (
+            isinstance(min_scale, bool)
+            or not isinstance(min_scale, int | float)
+            or not 0 <= min_scale < math.inf
+        ):
+            raise ValueError(f"min_scale must be a finite number >= 0, got {min_scale!r}")
+        self.min_scale = float(min_scale)
 
         alpha = 1.0 / self.expected_run_length
         self._alpha_spike = alpha / 2.0  # half the budget, two-sided
@@ -226,6 +239,8 @@ class SeasonalZScore(_EdgeAlarm):
         pred = self._phi * self._prev
         e = r - pred
         sigma = math.sqrt(self._var)
+        if sigma < self.min_scale and n > 10:
+            sigma = self.min_scale
         clip = self.clip
         if sigma > 0.0:
             z = e / sigma
@@ -306,7 +321,8 @@ class SeasonalZScore(_EdgeAlarm):
         r_clean = pred + e_clean
         rate = max(self.scale_rate, 1.0 / n)
         if started:
-            self._var += rate * (min(e * e, clip * clip * self._var) / self._kappa - self._var)
+            floor = max(self._var, self.min_scale * self.min_scale)
+            self._var += rate * (min(e * e, clip * clip * floor) / self._kappa - self._var)
         else:
             self._var += rate * (e * e - self._var)
         self._c0 += rate * (r_clean * r_clean - self._c0)
@@ -397,6 +413,7 @@ class SeasonalZScore(_EdgeAlarm):
                 "clip": self.clip,
                 "warmup_s": self.warmup_s,
                 "clear_after": self.clear_after,
+                "min_scale": self.min_scale,
             },
             "n": self._n,
             "t0": self._t0,

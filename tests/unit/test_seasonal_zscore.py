@@ -150,6 +150,15 @@ def test_heavy_tailed_noise_raises_the_spike_threshold_not_the_alarm_rate():
     assert det.threshold == normal_isf(1 / 40_000)
 
 
+def test_min_scale_keeps_sparse_counts_quiet():
+    rng = np.random.default_rng(7)
+    t = np.arange(6 * DAY) * STEP
+    x = rng.poisson(0.05, t.size).astype(float)
+    x[5 * DAY] = 6.0  # six errors in one interval is an anomaly even so
+    det = SeasonalZScore(min_scale=1.0)
+    assert feed(det, x, t) == [(5 * DAY, "spike")]
+
+
 def test_state_round_trip_is_exact():
     rng = np.random.default_rng(5)
     t, x = seasonal_series(rng, 4, phi=0.3)
@@ -179,6 +188,7 @@ def test_state_round_trip_is_exact():
         {"clip": 0.5},
         {"warmup_s": -1},
         {"clear_after": 0},
+        {"min_scale": -1},
     ],
 )
 def test_invalid_params_are_named(kw):
