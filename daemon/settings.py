@@ -34,6 +34,7 @@ __all__ = [
     "EvaluateSettings",
     "HttpSettings",
     "IngestSettings",
+    "IntegrationsSettings",
     "KafkaSettings",
     "Settings",
     "TopicSettings",
@@ -142,6 +143,15 @@ class HttpSettings(_Section):
     bearer_token: SecretStr | None = None
 
 
+class IntegrationsSettings(_Section):
+    """The kill-switch follower behind the status API, OFREP and the rollout gates."""
+
+    enabled: bool = True
+    fail_open: bool = True
+    follow_state: bool = True
+    poll_timeout_ms: int = Field(200, ge=0)
+
+
 class CommandSettings(_Section):
     """Operator commands on the commands topic."""
 
@@ -168,6 +178,7 @@ class Settings(BaseSettings):
     evaluate: EvaluateSettings = EvaluateSettings()
     http: HttpSettings = HttpSettings()
     commands: CommandSettings = CommandSettings()
+    integrations: IntegrationsSettings = IntegrationsSettings()
 
     @classmethod
     def settings_customise_sources(
