@@ -7,7 +7,8 @@ for a caller without a supervisor (tests, embedding) and returns a handle with `
 
 Settings: ``integrations.enabled`` (default true), ``integrations.fail_open`` (the answer before
 the follower is ready and for unknown experiments), ``integrations.follow_state`` (also follow
-``armguard.state`` for guardrail status), ``integrations.poll_timeout_ms``; the topics come from
+``armguard.state`` for guardrail status), ``integrations.poll_timeout_ms``,
+``integrations.gate_public`` (serve ``/v1/gate/`` without the bearer token, for Flagger); the topics come from
 ``topics.killswitch`` and ``topics.state``.
 """
 
@@ -45,7 +46,7 @@ def build_integrations(
     if not settings.integrations.enabled:
         return []
     follower = build_follower(settings, metrics, health)
-    StatusApi(follower).register(http_server)
+    StatusApi(follower).register(http_server, gate_public=settings.integrations.gate_public)
     return [follower]
 
 

@@ -60,6 +60,7 @@ class KafkaSettings(_Section):
     ssl_keyfile: Path | None = None
     ssl_key_password: SecretStr | None = None
     request_timeout_ms: int = Field(30_000, gt=0)
+    metadata_max_age_ms: int = Field(10_000, gt=0)
     session_timeout_ms: int = Field(10_000, gt=0)
     heartbeat_interval_ms: int = Field(3_000, gt=0)
     max_poll_interval_ms: int = Field(300_000, gt=0)
@@ -150,6 +151,7 @@ class IntegrationsSettings(_Section):
     fail_open: bool = True
     follow_state: bool = True
     poll_timeout_ms: int = Field(200, ge=0)
+    gate_public: bool = False  # Flagger webhooks cannot send http.bearer_token
 
 
 class CommandSettings(_Section):

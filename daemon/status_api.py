@@ -19,7 +19,7 @@ Routes
 ``GET /v1/experiments/{id}/arms/{arm}``
     200 ``{"experiment", "arm", "gate", "allowed", "state", "reason", "guardrails"}``, always 200
     while known (the Argo Rollouts web metric reads ``$.gate``); 404 unknown.
-``GET /v1/gate/{id}/{arm}``
+``GET|POST /v1/gate/{id}/{arm}``
     The same gate as a status code, for Flagger webhooks: ``pass`` 200, ``fail`` 503 (the arm may
     not receive traffic: it or its experiment is killed or paused), ``inconclusive`` 425 Too Early
     (no guardrail has enough data yet); add ``?inconclusive=pass`` to answer 200 for it. 404 for
@@ -152,11 +152,18 @@ class StatusApi:
         self.follower = follower
         self._bulk_cache: tuple[int, bytes, str] | None = None
 
-    def register(self, server: HttpServer) -> None:
-        """Add the routes to the daemon's HTTP server."""
+    def register(self, server: HttpServer, *, gate_public: bool = False) -> None:
+        """Add the routes to the daemon's HTTP server.
+
+        The gate answers GET and POST (Flagger's webhooks POST a JSON payload, ignored here).
+        Flagger cannot send a bearer token, so ``gate_public=True`` (setting
+        ``integrations.gate_public``) exempts the gate from it; it reveals only pass/fail.
+        """
         server.add_route("/v1/experiments", self.list_experiments)
         server.add_route("/v1/experiments/", self.experiment, prefix=True)
-        server.add_route("/v1/gate/", self.gate, prefix=True)
+        server.add_route(
+            "/v1/gate/", self.gate, methods=("GET", "POST"), public=gate_public, prefix=True
+        )
         server.add_route("/ofrep/v1/evaluate/flags", self.ofrep_bulk, methods=("POST",))
         server.add_route(
             "/ofrep/v1/evaluate/flags/", self.ofrep_single, methods=("POST",), prefix=True
