@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help venv test unit lint format broker-start broker-stop bench clean
+.PHONY: help venv demo test unit lint format broker-start broker-stop bench clean
 
 help:
+	@echo "make demo    a local Kafka, the daemon and a simulated regression until the kill switch fires"
 	@echo "make test    create the virtualenv, start a real local Kafka, run all tests, stop Kafka"
 	@echo "make unit    unit tests and doctests only (no broker)"
 	@echo "make lint    ruff check and format check"
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+demo: venv
+	scripts/demo
 
 test: venv
 	scripts/run-tests

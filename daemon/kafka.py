@@ -60,13 +60,15 @@ def kafka_options(kafka: KafkaSettings) -> dict[str, Any]:
     """Connection options shared by every aiokafka client (consumer, producer, admin).
 
     Bootstrap servers, client id, security protocol, SASL credentials, an SSL context built from
-    the configured files, and the request timeout.
+    the configured files, the request timeout and the metadata refresh interval.
     """
     opts: dict[str, Any] = {
         "bootstrap_servers": kafka.bootstrap_servers,
         "client_id": kafka.client_id,
         "security_protocol": kafka.security_protocol,
         "request_timeout_ms": kafka.request_timeout_ms,
+        # New telemetry topics (or partitions) are found within this time, not Kafka's 5 minutes.
+        "metadata_max_age_ms": kafka.metadata_max_age_ms,
     }
     if kafka.security_protocol.startswith("SASL_"):
         opts["sasl_mechanism"] = kafka.sasl_mechanism
@@ -114,6 +116,8 @@ def transactional_producer_options(settings: Settings, transactional_id: str) ->
         "enable_idempotence": True,
         "max_request_size": producer_max_request_bytes(settings),
         "linger_ms": 5,
+        # Ingest appends a flush's summaries into one batch per partition.
+        "max_batch_size": 1024 * 1024,
     }
 
 

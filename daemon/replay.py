@@ -6,8 +6,9 @@ Two inputs:
   the ingest stage's :class:`~armguard.daemon.contract.PartitionAccumulator` and the summaries are
   cut by record count (``--cut-records``) or by event time (``--cut-seconds``), never by the wall
   clock, then applied to the evaluate stage's :class:`~armguard.daemon.engine.Engine`. A file has
-  no arrival times, so each record counts as having arrived at its own event time (the freshness
-  window does not apply); a topic's records keep their Kafka timestamps.
+  no arrival times, so each record counts as arriving at the stream's watermark (the latest event
+  time seen so far that was not itself beyond the allowed future skew), and the freshness window
+  is judged against that; a topic's records keep their Kafka timestamps.
 * **Summaries** (``--summaries``: the ``armguard.summaries`` topic, from its beginning or an
   offset range): the live daemon's own cuts, so the decisions and kill-switch events come out bit
   for bit as the live daemon wrote them.
@@ -99,11 +100,18 @@ class Replayer:
         acc = PartitionAccumulator(self.contract, topic, partition)
         batch: list[RawRecord] = []
         window: float | None = None
+        watermark: float | None = None
+        skew = self.contract.max_future_skew_s
         for rec in records:
             self.records += 1
             if arrival == "event":
+                # A file has no arrival times: a record "arrives" at the stream's watermark (the
+                # latest event time seen that was not itself too far in the future), so the
+                # freshness window judges it as the live daemon would on a real-time stream.
                 ts = self._event_time(rec.value or b"")
-                rec = rec._replace(timestamp=int((ts or 0.0) * 1000))
+                if watermark is None or (ts is not None and watermark < ts <= watermark + skew):
+                    watermark = ts if ts is not None else watermark
+                rec = rec._replace(timestamp=int((watermark or ts or 0.0) * 1000))
             if self.cut_seconds is not None:
                 ts = self._event_time(rec.value or b"")
                 w = None if ts is None else ts // self.cut_seconds
