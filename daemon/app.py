@@ -106,8 +106,13 @@ class Daemon:
             await self.ensure_topics()
 
         http = HttpServer(self.settings.http, self.registry, self.health, status=self)
+        # Integrations (daemon/integrations.py): the kill-switch follower as one more supervised
+        # stage, and its status API, rollout gates and OFREP routes on this server.
+        from .integrations import build_integrations
+
+        integrations = build_integrations(self.settings, http, self.metrics, self.health)
         await http.start()
-        stages = [*self.stages, *extra]
+        stages = [*self.stages, *integrations, *extra]
         tasks = {asyncio.create_task(st.run(self.stop), name=st.name): st for st in stages}
         try:
             stop_wait = asyncio.create_task(self.stop.wait(), name="stop")
