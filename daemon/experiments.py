@@ -47,7 +47,7 @@ __all__ = [
     "parse_experiments",
 ]
 
-TESTS = ("proportion", "mean", "srm", "drift", "anomaly")
+TESTS = ("proportion", "mean", "srm", "drift", "change", "anomaly")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MARGIN = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*%\s*$")
 
@@ -79,7 +79,7 @@ class GuardrailConfig(_Model):
     name: str = ""
     metric: str | None = None
     source: Literal["metric", "feature"] = "metric"
-    test: Literal["proportion", "mean", "srm", "drift", "anomaly"]
+    test: Literal["proportion", "mean", "srm", "drift", "change", "anomaly"]
     mode: Literal["control", "reference"] = "control"
     harmful: Literal["increase", "decrease", "any"] = "increase"
     margin: float = 0.0

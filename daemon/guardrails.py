@@ -176,6 +176,10 @@ class GuardrailRunner:
             from armguard.detectors.two_sample_drift import TwoSampleDrift
 
             return TwoSampleDrift(expected_run_length=g.expected_run_length)
+        if g.test == "change":
+            from armguard.detectors.rank_cusum import RankCUSUM
+
+            return RankCUSUM(expected_run_length=g.expected_run_length)
         if g.test == "anomaly":
             from armguard.detectors.seasonal_zscore import SeasonalZScore
 
@@ -251,6 +255,12 @@ class GuardrailRunner:
             if s is None or s.count == 0:
                 return
             self.detector.update(s)
+        elif g.test == "change":
+            arm_int = interval.get(self.arm)
+            s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
+            if s is None or s.count == 0:
+                return
+            self.detector.update(s.mean)
         else:
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
@@ -368,7 +378,7 @@ def make_runners(exp: ExperimentConfig) -> dict[str, GuardrailRunner]:
     for g in exp.guardrails:
         # Comparisons with control run per treatment; an arm against its own past (reference
         # drift, anomaly) runs on every arm, control included: there it can only alert.
-        own_past = g.test == "anomaly" or (g.test == "drift" and g.mode == "reference")
+        own_past = g.test in ("anomaly", "change") or (g.test == "drift" and g.mode == "reference")
         for arm in exp.arms if own_past else exp.treatments:
             r = GuardrailRunner(exp, g, arm, split)
             runners[r.key] = r

@@ -341,3 +341,34 @@ def test_feature_drift_against_control_pauses_after_consecutive_alarms():
     assert d["test"] == "drift" and d["arm"] == "treatment" and d["action"] == "pause"
     assert d["score"] > d["threshold"]
     assert ev["data"]["arms"]["treatment"] == "paused"
+
+
+CHANGE_CONFIG = """
+experiments:
+  - id: chg
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    srm: {enabled: false}
+    guardrails:
+      - {metric: latency_ms, test: change, consecutive: 2, min_samples: 100, action: kill}
+"""
+
+
+def test_change_in_an_arm_level_kills_after_consecutive_alarms():
+    e = engine_for(parse_experiments(CHANGE_CONFIG, where="t.yaml"))
+    rng = np.random.default_rng(12)
+    recs = []
+    for b in range(400):
+        arms = {}
+        for arm in ("control", "treatment"):
+            shift = 1.15 if (arm == "treatment" and b >= 240) else 1.0
+            arms[arm] = {"latency_ms": rng.lognormal(4.0, 0.3, 200) * shift}
+        t = 1_764_300_000.0 + b * 5
+        recs.append(summary_record("chg", arms, t0=t, t1=t + 5, offset_first=b, offset_last=b))
+    quiet = run(e, recs[:240])
+    assert of_kind(quiet, "killswitch") == []
+    events = of_kind(run(e, recs[240:], start=240), "killswitch")
+    assert len(events) == 1
+    d = events[0]["data"]["decision"]
+    # RankCUSUM restarts on its alarm (it relearns the new level), so the score is fresh here.
+    assert d["test"] == "change" and d["arm"] == "treatment" and d["threshold"] > 0
