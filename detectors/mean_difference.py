@@ -89,6 +89,22 @@ class MeanDifferenceTest(_TwoArmMixtureTest):
     >>> round(result.relative_estimate, 4), [round(x, 4) for x in result.relative_interval]
     (0.0664, [0.0086, 0.1277])
 
+    Centring the mixture on the smallest harm to catch (+6 ms), with the experiment's alpha
+    split over two guardrails:
+
+    >>> from armguard.detectors import split_alpha
+    >>> test = MeanDifferenceTest(alpha=split_alpha(0.05, guardrails=2), effect=6.0)
+    >>> rng = np.random.default_rng(42)
+    >>> control, treatment = Summary(), Summary()
+    >>> for look in range(100):
+    ...     control.update_many(rng.normal(200.0, 60.0, size=100))
+    ...     treatment.update_many(rng.normal(206.0, 60.0, size=100))
+    ...     result = test.update(control, treatment)
+    ...     if result.breached:
+    ...         break
+    >>> look, result.alpha, result.method
+    (4, 0.025, 'mean-difference/mixture-one-sided-effect')
+
     References
     ----------
     Robbins, H. (1970). Statistical methods related to the law of the iterated logarithm.
