@@ -538,9 +538,10 @@ class Batch:
 class _Effect:
     """A compiled regression or drift: a change to one column within a record-index window."""
 
-    __slots__ = ("arm", "column", "dist", "i_from", "i_to", "name", "p", "relative", "shift")
+    __slots__ = ("arm", "column", "dist", "exp", "i_from", "i_to", "name", "p", "relative", "shift")
 
     def __init__(self, column, name, arm, i_from, i_to, shift, relative, p, dist):
+        self.exp = -1  # index of the experiment, set when the simulation is compiled
         self.column, self.name, self.arm = column, name, arm
         self.i_from, self.i_to = i_from, i_to
         self.shift, self.relative, self.p, self.dist = shift, relative, p, dist
@@ -554,7 +555,7 @@ class _Exp:
         self.arms = tuple(config.arms)
         self.arm_names = np.array(self.arms, dtype=object)
         self.thresholds = np.cumsum([config.arms[a] for a in self.arms])[:-1]
-        self.salt = np.uint64(salt)
+        self.salt = salt
         self.share = spec.share
         metrics, features = config.summarised()
         self.metrics: dict[str, Any] = {}
@@ -586,11 +587,33 @@ class _Exp:
                 elif c.min is not None:
                     self.out_of_range = (column, name, c.min - max(1.0, abs(c.min)))
         self.effects: list[_Effect] = []
-        self.srm: list[tuple[int, int | None, np.ndarray]] = []
-        self.build: Any = None  # the record builder, made on first use
+
+    def signature(self) -> tuple[Any, ...]:
+        """What the values of this experiment's records are drawn from: names, laws, ranges."""
+
+        def columns(column: str) -> tuple[Any, ...]:
+            out = []
+            for name, dist in getattr(self, column).items():
+                c = self.contracts[column].get(name)
+                out.append((name, dist, c.min if c else None, c.max if c else None))
+            return tuple(out)
+
+        return columns("metrics"), columns("features")
 
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+class _Group:
+    """Experiments whose records have the same metrics and features with the same laws and ranges:
+    their values are drawn, and their records built, in one vectorised pass."""
+
+    def __init__(self, signature: tuple[Any, ...], fields: FieldNames, with_unit: bool):
+        self.metrics, self.features = signature
+        self.effects: dict[tuple[str, str], list[_Effect]] = {}
+        self.build = _record_builder(
+            fields,
+            tuple(m[0] for m in self.metrics),
+            tuple(f[0] for f in self.features),
+            with_unit,
+        )
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -601,29 +624,35 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
+def _round_keys(key: int) -> np.ndarray:
+    """The four round keys of :func:`_permute` for one key."""
+    return np.array([_stable_int(key, r) for r in range(4)], dtype=np.uint64)
+
+
+def _permute(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     """A keyed pseudo-random permutation of ``range(n)``, applied to each element of ``x``.
 
     A four-round Feistel network on the smallest even number of bits covering ``n`` (a bijection
     of ``range(2**bits)``), with cycle walking to stay inside ``range(n)``: no table, so a pool
-    of any size costs nothing to keep.
+    of any size costs nothing to keep. ``keys`` holds the round keys: shape ``(4,)`` for one
+    permutation, or ``(len(x), 4)`` for a permutation per element (one per experiment).
     """
     bits = max(2, (n - 1).bit_length())
     bits += bits % 2
     half = np.uint64(bits // 2)
     mask = np.uint64((1 << (bits // 2)) - 1)
-    keys = [np.uint64(_stable_int(key, r) & 0xFFFFFFFFFFFFFFFF) for r in range(4)]
+    keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), (len(x), 4))
 
-    def rounds(v: np.ndarray) -> np.ndarray:
+    def rounds(v: np.ndarray, k: np.ndarray) -> np.ndarray:
         left, right = v >> half, v & mask
-        for k in keys:
-            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        for r in range(4):
+            left, right = right, left ^ (_mix64(right ^ k[:, r]) & mask)
         return (left << half) | right
 
-    out = rounds(np.asarray(x, dtype=np.uint64))
+    out = rounds(np.asarray(x, dtype=np.uint64), keys)
     outside = np.flatnonzero(out >= np.uint64(n))
     while len(outside):
-        out[outside] = rounds(out[outside])
+        out[outside] = rounds(out[outside], keys[outside])
         outside = outside[out[outside] >= np.uint64(n)]
     return out
 
@@ -712,6 +741,7 @@ class Simulation:
         self.experiment_ids: tuple[str, ...] = tuple(e.id for e in self._exps)
         self.arms: tuple[tuple[str, ...], ...] = tuple(e.arms for e in self._exps)
         self._bad: list[tuple[int | None, int, int | None, float, np.ndarray]] = []
+        self._srm: list[tuple[int, int, int | None, np.ndarray]] = []
 
         def window(inj: Any) -> tuple[int, int | None]:
             i_from = math.ceil(inj.at_s * self.rate - 1e-9)
@@ -771,7 +801,7 @@ class Simulation:
                     )
                     continue
                 thresholds = np.cumsum([inj.allocation[a] for a in exp.arms])[:-1]
-                exp.srm.append((*window(inj), thresholds))
+                self._srm.append((self._exps.index(exp), *window(inj), thresholds))
             elif isinstance(inj, Regression):
                 arm = arm_of(i, exp, inj.arm)
                 if inj.metric not in exp.metrics:
@@ -816,6 +846,38 @@ class Simulation:
         self._nested = any(
             "." in name for name in (f.experiment, f.arm, f.ts, f.unit, f.metrics, f.features)
         )
+        # Per-experiment tables, so a block is bucketed in one pass whatever the experiment count.
+        n_arms = max(len(e.arms) for e in self._exps)
+        self._arm_thresholds = np.full((len(self._exps), max(1, n_arms - 1)), np.inf)
+        for k, e in enumerate(self._exps):
+            self._arm_thresholds[k, : len(e.thresholds)] = e.thresholds
+        self._srm = [
+            (
+                k,
+                i_from,
+                i_to,
+                np.pad(t, (0, self._arm_thresholds.shape[1] - len(t)), constant_values=np.inf),
+            )
+            for k, i_from, i_to, t in self._srm
+        ]
+        self._arm_offset = np.cumsum([0] + [len(e.arms) for e in self._exps])[:-1]
+        self._arm_names = np.array([a for e in self._exps for a in e.arms], dtype=object)
+        self._exp_names = np.array(self.experiment_ids, dtype=object)
+        self._round_keys = np.stack([_round_keys(e.salt) for e in self._exps])
+        groups: dict[tuple[Any, ...], int] = {}
+        self._groups: list[_Group] = []
+        group_of = []
+        for k, e in enumerate(self._exps):
+            sig = e.signature()
+            if sig not in groups:
+                groups[sig] = len(self._groups)
+                self._groups.append(_Group(sig, f, sc.units is not None))
+            g = self._groups[groups[sig]]
+            group_of.append(groups[sig])
+            for x in e.effects:
+                x.exp = k
+                g.effects.setdefault((x.column, x.name), []).append(x)
+        self._group_of = np.array(group_of, dtype=np.int64)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -855,40 +917,42 @@ class Simulation:
             exp = np.searchsorted(self._exp_thresholds, rng.random(n), side="right")
         else:
             exp = np.zeros(n, dtype=np.int64)
-        units = rng.integers(0, self.scenario.units, n) if self.scenario.units else None
-        free_u = rng.random(n)  # per-record bucket draw, used when there is no unit pool
-        arm = np.zeros(n, dtype=np.int64)
+        pool = self.scenario.units
+        units = rng.integers(0, pool, n) if pool else None
+        free = rng.random(n)  # per-record bucket draw, used when there is no unit pool
+        if units is not None:
+            # Sticky bucketing: the unit's place in its experiment's permutation of the pool.
+            position = (_permute(units, pool, self._round_keys[exp]) + 0.5) / pool
+        else:
+            position = free
+        arm = (position[:, None] >= self._arm_thresholds[exp]).sum(axis=1)
+        for k, i_from, i_to, thresholds in self._srm:
+            m = (exp == k) & _in_window(idx, i_from, i_to)
+            arm[m] = (position[m, None] >= thresholds).sum(axis=1)
+        eids = self._exp_names[exp]
+        arms = self._arm_names[self._arm_offset[exp] + arm]
+        if units is not None:
+            fmt = self.scenario.unit_prefix.replace("%", "%%") + "%d"
+            unit_ids = np.array([fmt % u for u in units.tolist()], dtype=object)
         records: list[Any] = [None] * n
-        for k, e in enumerate(self._exps):
-            rows = np.flatnonzero(exp == k) if len(self._exps) > 1 else idx - first
+        single = len(self._groups) == 1
+        for g, group in enumerate(self._groups):
+            rows = np.arange(n) if single else np.flatnonzero(self._group_of[exp] == g)
+            e_rows, a_rows, i_rows = exp[rows], arm[rows], idx[rows]
+            columns = [eids[rows].tolist(), arms[rows].tolist(), ts[rows].tolist()]
             if units is not None:
-                # Sticky bucketing: the unit's place in the experiment's permutation of the pool.
-                u = (_permute(units[rows], self.scenario.units, int(e.salt)) + 0.5) / (
-                    self.scenario.units
-                )
+                columns.append(unit_ids[rows].tolist())
+            for kind, specs in (("metrics", group.metrics), ("features", group.features)):
+                for name, dist, lo, hi in specs:
+                    effects = group.effects.get((kind, name), ())
+                    values = _column(rng, dist, lo, hi, effects, e_rows, a_rows, i_rows)
+                    columns.append(values.tolist())
+            recs = group.build(*columns)
+            if single:
+                records = recs
             else:
-                u = free_u[rows]
-            a = np.searchsorted(e.thresholds, u, side="right")
-            i_rows = idx[rows]
-            for i_from, i_to, thresholds in e.srm:
-                m = _in_window(i_rows, i_from, i_to)
-                a[m] = np.searchsorted(thresholds, u[m], side="right")
-            arm[rows] = a
-            mvals = {
-                n_: self._column(rng, e, "metrics", n_, d, a, i_rows) for n_, d in e.metrics.items()
-            }
-            fvals = {
-                n_: self._column(rng, e, "features", n_, d, a, i_rows)
-                for n_, d in e.features.items()
-            }
-            recs = self._records(
-                e, a, ts[rows], units[rows] if units is not None else None, mvals, fvals
-            )
-            if len(self._exps) > 1:
                 for j, r in zip(rows.tolist(), recs, strict=True):
                     records[j] = r
-            else:
-                records = recs
         dumps = orjson.dumps
         if self._nested:
             values = [dumps(_nest(r)) for r in records]
@@ -914,71 +978,6 @@ class Simulation:
         return Batch(
             first=first, values=values, ts=ts, experiment=exp, arm=arm, unit=units, bad=bad
         )
-
-    def _column(
-        self,
-        rng: np.random.Generator,
-        e: _Exp,
-        column: str,
-        name: str,
-        dist: Any,
-        arm: np.ndarray,
-        i_rows: np.ndarray,
-    ) -> np.ndarray:
-        n = len(i_rows)
-        effects = [x for x in e.effects if x.column == column and x.name == name]
-        if isinstance(dist, Bernoulli):
-            p = np.full(n, dist.p)
-            for x in effects:
-                m = _in_window(i_rows, x.i_from, x.i_to)
-                if x.arm is not None:
-                    m &= arm == x.arm
-                if x.p is not None:
-                    p[m] = x.p
-                elif x.shift is not None:
-                    p[m] += x.shift
-                elif x.relative is not None:
-                    p[m] *= 1.0 + x.relative
-                elif x.dist is not None:
-                    p[m] = _draw(rng, x.dist, int(m.sum()))
-            return (rng.random(n) < p).astype(np.int64)
-        values = _draw(rng, dist, n)
-        decimals = dist.decimals
-        for x in effects:
-            m = _in_window(i_rows, x.i_from, x.i_to)
-            if x.arm is not None:
-                m &= arm == x.arm
-            if x.shift is not None:
-                values[m] += x.shift
-            elif x.relative is not None:
-                values[m] *= 1.0 + x.relative
-            elif x.dist is not None:
-                values[m] = _draw(rng, x.dist, int(m.sum()))
-        contract = e.contracts[column].get(name)
-        if contract is not None and (contract.min is not None or contract.max is not None):
-            np.clip(values, contract.min, contract.max, out=values)
-        if decimals is not None:
-            values = np.round(values, decimals)
-        return values
-
-    def _records(
-        self,
-        e: _Exp,
-        arm: np.ndarray,
-        ts: np.ndarray,
-        units: np.ndarray | None,
-        mvals: dict[str, np.ndarray],
-        fvals: dict[str, np.ndarray],
-    ) -> list[dict[str, Any]]:
-        if e.build is None:
-            e.build = _record_builder(self.fields, tuple(mvals), tuple(fvals), units is not None)
-        columns = [e.arm_names[arm].tolist(), ts.tolist()]
-        if units is not None:
-            fmt = self.scenario.unit_prefix.replace("%", "%%") + "%d"
-            columns.append([fmt % u for u in units.tolist()])
-        columns += [v.tolist() for v in mvals.values()]
-        columns += [v.tolist() for v in fvals.values()]
-        return e.build(e.id, *columns)
 
     def _bad_record(self, kind: str, record: dict[str, Any], good: bytes, e: _Exp, r: int) -> bytes:
         f = self.fields
@@ -1032,18 +1031,64 @@ def _record_builder(
     ns.update({f"F{i}": name for i, name in enumerate(features)})
     mv = [f"m{i}" for i in range(len(metrics))]
     fv = [f"f{i}" for i in range(len(features))]
-    loop = ["a", "t", *(["u"] if with_unit else []), *mv, *fv]
-    items = ["KX: eid", "KA: a", "KT: t", *(["KU: u"] if with_unit else [])]
+    loop = ["x", "a", "t", *(["u"] if with_unit else []), *mv, *fv]
+    items = ["KX: x", "KA: a", "KT: t", *(["KU: u"] if with_unit else [])]
     items.append("KM: {" + ", ".join(f"M{i}: {v}" for i, v in enumerate(mv)) + "}")
     if features:
         items.append("KF: {" + ", ".join(f"F{i}: {v}" for i, v in enumerate(fv)) + "}")
     args = [f"c_{v}" for v in loop]
     src = (
-        f"def build(eid, {', '.join(args)}):\n"
+        f"def build({', '.join(args)}):\n"
         f"    return [{{{', '.join(items)}}} for {', '.join(loop)} in zip({', '.join(args)})]\n"
     )
     exec(src, ns)
     return ns["build"]
+
+
+def _column(
+    rng: np.random.Generator,
+    dist: Any,
+    lo: float | None,
+    hi: float | None,
+    effects: Any,
+    exp: np.ndarray,
+    arm: np.ndarray,
+    i_rows: np.ndarray,
+) -> np.ndarray:
+    """Values of one metric or feature for the given records, injections applied."""
+    n = len(i_rows)
+
+    def where(x: _Effect) -> np.ndarray:
+        m = _in_window(i_rows, x.i_from, x.i_to) & (exp == x.exp)
+        if x.arm is not None:
+            m &= arm == x.arm
+        return m
+
+    if isinstance(dist, Bernoulli):
+        p = np.full(n, dist.p)
+        for x in effects:
+            m = where(x)
+            if x.p is not None:
+                p[m] = x.p
+            elif x.shift is not None:
+                p[m] += x.shift
+            elif x.relative is not None:
+                p[m] *= 1.0 + x.relative
+        return (rng.random(n) < p).astype(np.int64)
+    values = _draw(rng, dist, n)
+    for x in effects:
+        m = where(x)
+        if x.shift is not None:
+            values[m] += x.shift
+        elif x.relative is not None:
+            values[m] *= 1.0 + x.relative
+        elif x.dist is not None:
+            values[m] = _draw(rng, x.dist, int(m.sum()))
+    if lo is not None or hi is not None:
+        np.clip(values, lo, hi, out=values)
+    if dist.decimals is not None:
+        values = np.round(values, dist.decimals)
+    return values
 
 
 def _in_window(i: np.ndarray, i_from: int, i_to: int | None) -> np.ndarray:

@@ -217,15 +217,15 @@ def test_arm_allocation_matches_design_with_sticky_units():
 
 @pytest.mark.parametrize("pool", [1, 7, 1000, 65_537])
 def test_unit_permutation_is_a_bijection_so_the_pool_splits_exactly(pool):
-    from armguard.daemon.simulate import _permute
+    from armguard.daemon.simulate import _permute, _round_keys
 
-    perm = _permute(np.arange(pool), pool, key=123)
+    perm = _permute(np.arange(pool), pool, _round_keys(123))
     assert sorted(perm.tolist()) == list(range(pool))
     position = (perm + 0.5) / pool
     for share in (0.5, 0.25, 0.1):
         assert abs(int((position < share).sum()) - share * pool) <= 1
     if pool > 1000:
-        other = _permute(np.arange(pool), pool, key=124)
+        other = _permute(np.arange(pool), pool, _round_keys(124))
         assert abs(np.corrcoef(perm, other)[0, 1]) < 0.02  # experiments bucket independently
 
 
