@@ -591,9 +591,9 @@ class PartitionAccumulator:
                 span["max_ts"] = max(span["max_ts"], tmax[j])
                 current["arms"][arm] = arms_out[g]
             records.sort(key=lambda r: r["experiment"])
+            # Deterministic without sorting keys: arms in config order, names sorted.
             dumps = orjson.dumps
-            opt = orjson.OPT_SORT_KEYS
-            summaries = [(r["experiment"].encode(), dumps(r, option=opt)) for r in records]
+            summaries = [(r["experiment"].encode(), dumps(r)) for r in records]
         assert self.first_offset is not None and self.last_offset is not None
         out = Flush(
             topic=self.topic,

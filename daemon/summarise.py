@@ -63,14 +63,12 @@ def _stores(
     keep = ~wide[seg_of_value]
     idx = base[seg_of_value[keep]] + (keys[keep] - kmin[seg_of_value[keep]])
     counts = np.bincount(idx, minlength=int(width.sum()))
-    kmin_l = kmin.tolist()
-    base_l = base.tolist()
-    width_l = width.tolist()
-    for j, g in enumerate(present.tolist()):
-        w = width_l[j]
+    counts_l = counts.tolist()  # one conversion, then cheap list slices per group
+    for g, k0, b, w in zip(
+        present.tolist(), kmin.tolist(), base.tolist(), width.tolist(), strict=True
+    ):
         if w:
-            b = base_l[j]
-            out[g] = [kmin_l[j], counts[b : b + w].tolist()]
+            out[g] = [k0, counts_l[b : b + w]]
     return out, too_wide
 
 
