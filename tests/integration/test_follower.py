@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from armguard.daemon.settings import KafkaSettings
 from .killswitch_events import guardrail_row, killswitch_event, publish, state_snapshot
 
 pytestmark = pytest.mark.integration
+
+BENCH_LATENCY = Path(__file__).resolve().parents[2] / "bench" / "latency.py"
 
 RUNNING = {"control": "running", "treatment": "running"}
 KILLED = {"control": "running", "treatment": "killed"}
@@ -165,3 +168,15 @@ async def test_threaded_follower_for_synchronous_apps(kafka_bootstrap, make_topi
     finally:
         await asyncio.to_thread(follower.stop)
     assert follower.ready is False
+
+
+async def test_latency_bench_smoke(kafka_bootstrap):
+    """bench/latency.py works and a kill reaches allowed() well within the 500 ms target."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("armguard_bench_latency", BENCH_LATENCY)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = await bench.measure(kafka_bootstrap, kills=20, poll_timeout_ms=200)
+    assert len(results["commit call"]) == 20
+    assert max(results["commit call"]) < 0.5
