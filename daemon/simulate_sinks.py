@@ -453,12 +453,19 @@ def run_cli(args: Any) -> int:
     async def to_kafka() -> SinkReport:
         from aiokafka import AIOKafkaProducer
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import KafkaConnectionError
 
+        from .errors import KafkaUnavailable
         from .kafka import kafka_options
 
         options = kafka_options(settings.kafka)
         admin = AIOKafkaAdminClient(**options)
-        await admin.start()
+        try:
+            await admin.start()
+        except KafkaConnectionError as exc:
+            raise KafkaUnavailable(
+                f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+            ) from exc
         try:
             if topic not in set(await admin.list_topics()):
                 brokers = len((await admin.describe_cluster())["brokers"])

@@ -807,3 +807,12 @@ def test_help_lists_every_option():
     ):  # fmt: skip
         assert flag in text
     assert "config/simulate-demo.yaml" in text
+
+
+def test_cli_says_when_kafka_is_unreachable(monkeypatch, capsys):
+    from armguard.daemon.cli import main
+
+    monkeypatch.setenv("ARMGUARD_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    argv = ["simulate", "--experiments", str(ROOT / "config" / "demo.yaml")]
+    assert main([*argv, "--kafka", "--records", "10"]) == 1
+    assert "error: cannot reach Kafka at 127.0.0.1:1" in capsys.readouterr().err
