@@ -90,6 +90,7 @@ class GuardrailConfig(_Model):
     consecutive: int = Field(3, ge=1)
     expected_run_length: float = Field(10_000.0, gt=1)
     tuning_n: int | None = Field(None, gt=0)
+    effect: float | None = Field(None, gt=0)
 
     @field_validator("test", mode="before")
     @classmethod
@@ -137,6 +138,11 @@ class GuardrailConfig(_Model):
                 "margin: must be >= 0; it is the harm tolerated before the guardrail breaches "
                 "(the harmful direction is set by `harmful`)"
             )
+        if (self.effect is not None or self.tuning_n is not None) and self.test not in (
+            "mean",
+            "proportion",
+        ):
+            raise ValueError("effect: only mean and proportion guardrails take effect or tuning_n")
         if self.mode == "reference" and self.test != "drift":
             raise ValueError("mode: only drift guardrails have a mode (control or reference)")
         if self.test == "srm" and self.metric:

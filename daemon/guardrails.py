@@ -159,7 +159,13 @@ class GuardrailRunner:
                 from armguard.detectors.proportion_difference import (
                     ProportionDifferenceTest as cls,
                 )
-            extra = {"tuning_n": g.tuning_n} if g.tuning_n is not None else {}
+            # The mixture is tuned to the smallest harm the guardrail must catch (`effect`, in the
+            # margin's units) or to the sample size where it should be tightest (`tuning_n`).
+            extra: dict[str, Any] = {}
+            if g.effect is not None:
+                extra["effect"] = g.effect
+            elif g.tuning_n is not None:
+                extra["tuning_n"] = g.tuning_n
             return cls(
                 alpha=self.alpha,
                 harmful=g.harmful,
@@ -333,7 +339,9 @@ class SrmRunner:
         self.firing = False
         self.level = "inconclusive"
         self.p_value: float | None = None
-        self.detector = SampleRatioMismatch(allocation=dict(exp.arms), alpha=self.cfg.alpha)
+        self.detector = SampleRatioMismatch(
+            allocation=dict(exp.arms), alpha=self.cfg.alpha, min_samples=self.cfg.min_samples
+        )
 
     def evaluate(self, arms: dict[str, ArmData]) -> None:
         counts = {a: (arms[a].count if a in arms else 0) for a in self.exp.arms}
