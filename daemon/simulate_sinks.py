@@ -277,9 +277,12 @@ async def produce(
     pacer: Pacer | None = None,
     stop: asyncio.Event | None = None,
     timestamps: Literal["wall", "event"] = "wall",
+    on_chunk: Callable[[Batch, int, int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> SinkReport:
     """Send every record of ``sim`` to ``topic`` with a started ``AIOKafkaProducer``.
+
+    Returns once everything sent is acknowledged by the broker (a delivery error raises).
 
     Parameters
     ----------
@@ -289,9 +292,12 @@ async def produce(
     pacer
         Pace sends against the event-time clock; ``None`` sends as fast as the broker takes them.
     stop
-        When set, stop after the current chunk (what was sent is delivered before returning).
+        When set, stop after the current chunk.
     timestamps
         Kafka record timestamps: the producer's wall clock, or the records' event time.
+    on_chunk
+        Called with ``(batch, start, end)`` right after records ``start:end`` of a batch are
+        handed to the producer (a benchmark notes the wall time a given record went out).
     """
     report = SinkReport()
     started = clock()
@@ -300,31 +306,40 @@ async def produce(
         raise ValueError(f"topic {topic!r} has no partitions")
     partitioner = _Partitioner(sim, partitions, key_by)
     size = pacer.chunk_records() if pacer else None
-    in_flight: list[asyncio.Future[Any]] = []
+    previous: list[asyncio.Future[Any]] = []  # the last block's deliveries
+    current: list[asyncio.Future[Any]] = []  # this block's
     stopped = stop.is_set if stop is not None else (lambda: False)
-    try:
+
+    async def send_all() -> None:
+        nonlocal previous, current
         for batch in sim.batches():
-            sent_now: list[asyncio.Future[Any]] = []
             for start, end in _chunks(batch, size):
                 if stopped():
-                    return report
+                    return
                 if pacer is not None:
                     while (wait := pacer.delay(batch.first + start, clock())) > 0:
                         await _sleep_or_stop(wait, stop)
                         if stopped():
-                            return report
-                sent_now += await _send_chunk(
+                            return
+                current += await _send_chunk(
                     producer, topic, batch, start, end, partitioner, timestamps
                 )
                 report.add(batch, start, end)
+                if on_chunk is not None:
+                    on_chunk(batch, start, end)
             # Bound what is in flight: the previous block must be acknowledged before the next.
-            if in_flight:
-                await asyncio.gather(*in_flight)
-            in_flight = sent_now
+            await asyncio.gather(*previous)
+            previous, current = current, []
+
+    try:
+        await send_all()
+        await asyncio.gather(*previous, *current)
         return report
+    except BaseException:
+        # Failing or cancelled: do not leave deliveries unobserved.
+        await asyncio.gather(*previous, *current, return_exceptions=True)
+        raise
     finally:
-        if in_flight:
-            await asyncio.gather(*in_flight, return_exceptions=True)
         report.seconds = clock() - started
         if pacer is not None:
             report.paced = True

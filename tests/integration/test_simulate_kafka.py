@@ -89,13 +89,25 @@ async def test_keyed_by_experiment_and_paced(kafka_bootstrap, make_topic):
     await producer.start()
     try:
         started = time.monotonic()
-        report = await produce(sim, producer, topic, key_by="experiment", pacer=Pacer(4000.0))
+        chunks: list[tuple[int, int]] = []
+        report = await produce(
+            sim,
+            producer,
+            topic,
+            key_by="experiment",
+            pacer=Pacer(4000.0),
+            on_chunk=lambda b, start, end: chunks.append((b.first + start, b.first + end)),
+        )
         elapsed = time.monotonic() - started
     finally:
         await producer.stop()
     # 4,000 records at 4,000/s: about one second, not a burst and not much slower
     assert 0.9 <= elapsed <= 5.0, elapsed
     assert report.records == 4000 and report.paced
+    # paced sends go out in ~20 ms chunks (80 records at 4,000/s), in order, covering everything
+    assert chunks[0][0] == 0 and chunks[-1][1] == 4000
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+    assert max(end - start for start, end in chunks) <= 80
     records, end_total = await read_all(kafka_bootstrap, topic, 2, 4000)
     assert end_total == 4000 and len(records) == 4000
     assert {r.key for r in records} == {b"ranker-v2"}
