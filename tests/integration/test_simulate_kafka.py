@@ -4,6 +4,7 @@ the partition the Java client would choose, pacing holds the rate, and the CLI p
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -106,7 +107,7 @@ async def test_keyed_by_experiment_and_paced(kafka_bootstrap, make_topic):
     assert report.records == 4000 and report.paced
     # paced sends go out in ~20 ms chunks (80 records at 4,000/s), in order, covering everything
     assert chunks[0][0] == 0 and chunks[-1][1] == 4000
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     assert max(end - start for start, end in chunks) <= 80
     records, end_total = await read_all(kafka_bootstrap, topic, 2, 4000)
     assert end_total == 4000 and len(records) == 4000
