@@ -556,6 +556,7 @@ class PartitionAccumulator:
                         np.array(vals, dtype=np.float64),
                         np.array(grp, dtype=np.int64),
                         relative_accuracy=ra,
+                        numpy_counts=True,
                     )
                     for g, st in zip(ids.tolist(), states, strict=True):
                         arms_out[g][section][name] = st
@@ -593,7 +594,8 @@ class PartitionAccumulator:
             records.sort(key=lambda r: r["experiment"])
             # Deterministic without sorting keys: arms in config order, names sorted.
             dumps = orjson.dumps
-            summaries = [(r["experiment"].encode(), dumps(r)) for r in records]
+            opt = orjson.OPT_SERIALIZE_NUMPY
+            summaries = [(r["experiment"].encode(), dumps(r, option=opt)) for r in records]
         assert self.first_offset is not None and self.last_offset is not None
         out = Flush(
             topic=self.topic,

@@ -39,7 +39,7 @@ _EMPTY_STORE: list[Any] = [0, []]
 
 
 def _stores(
-    keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int
+    keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int, numpy_counts: bool
 ) -> tuple[list[list[Any]], np.ndarray]:
     """Dense bucket stores ``[offset, counts]`` per group from bucket ``keys`` of the values
     whose (sorted, ascending) group index is ``seg``; also a mask of groups whose key range
@@ -63,12 +63,13 @@ def _stores(
     keep = ~wide[seg_of_value]
     idx = base[seg_of_value[keep]] + (keys[keep] - kmin[seg_of_value[keep]])
     counts = np.bincount(idx, minlength=int(width.sum()))
-    counts_l = counts.tolist()  # one conversion, then cheap list slices per group
+    # Views into one array (no per-bucket Python objects), or one conversion then list slices.
+    counts_src: Any = counts if numpy_counts else counts.tolist()
     for g, k0, b, w in zip(
         present.tolist(), kmin.tolist(), base.tolist(), width.tolist(), strict=True
     ):
         if w:
-            out[g] = [k0, counts_l[b : b + w]]
+            out[g] = [k0, counts_src[b : b + w]]
     return out, too_wide
 
 
@@ -78,6 +79,7 @@ def summarise_groups(
     *,
     relative_accuracy: float = 0.01,
     max_bins: int = 2048,
+    numpy_counts: bool = False,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Summarise ``values`` per group label; return (sorted distinct labels, their states).
 
@@ -89,6 +91,10 @@ def summarise_groups(
         Integer group label of each value (same length).
     relative_accuracy, max_bins
         As for :class:`~armguard.detectors.summary.Summary`.
+    numpy_counts
+        Give the histogram bucket counts as int64 array views instead of lists: much less
+        memory and time for many groups; serialise with ``orjson.OPT_SERIALIZE_NUMPY``
+        (``Summary.from_state`` accepts either).
 
     Returns
     -------
@@ -122,8 +128,8 @@ def summarise_groups(
     pos = v >= _TINY
     neg = v <= -_TINY
     zeros = np.bincount(seg[~(pos | neg)], minlength=n_groups)
-    p_stores, p_wide = _stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins)
-    n_stores, n_wide = _stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins)
+    p_stores, p_wide = _stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins, numpy_counts)
+    n_stores, n_wide = _stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins, numpy_counts)
     wide = p_wide | n_wide
     ra = hist.relative_accuracy
 
