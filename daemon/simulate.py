@@ -553,7 +553,6 @@ class _Exp:
     def __init__(self, config: ExperimentConfig, spec: ExperimentSpec, salt: int):
         self.id = config.id
         self.arms = tuple(config.arms)
-        self.arm_names = np.array(self.arms, dtype=object)
         self.thresholds = np.cumsum([config.arms[a] for a in self.arms])[:-1]
         self.salt = salt
         self.share = spec.share
@@ -832,6 +831,15 @@ class Simulation:
                         f"{', '.join(exp.features) or 'none'}",
                     )
                     continue
+                if isinstance(exp.features[inj.feature], Bernoulli) and not (
+                    inj.distribution is None or isinstance(inj.distribution, Bernoulli)
+                ):
+                    problem(
+                        f"inject[{i}].distribution",
+                        f"{inj.feature!r} is a bernoulli feature: it can drift to another "
+                        "bernoulli (or by shift or relative), not to a continuous law",
+                    )
+                    continue
                 exp.effects.append(
                     _Effect(
                         "features", inj.feature, arm, *window(inj), inj.shift, inj.relative, None,
@@ -1074,6 +1082,8 @@ def _column(
                 p[m] += x.shift
             elif x.relative is not None:
                 p[m] *= 1.0 + x.relative
+            elif isinstance(x.dist, Bernoulli):
+                p[m] = x.dist.p
         return (rng.random(n) < p).astype(np.int64)
     values = _draw(rng, dist, n)
     for x in effects:
@@ -1104,7 +1114,7 @@ def _draw(rng: np.random.Generator, dist: Any, n: int) -> np.ndarray:
     if isinstance(dist, LogNormal):
         return rng.lognormal(dist.mu, dist.sigma, n)
     if isinstance(dist, Bernoulli):
-        return np.full(n, dist.p)
+        return (rng.random(n) < dist.p).astype(np.float64)
     raise AssertionError(dist)  # pragma: no cover
 
 

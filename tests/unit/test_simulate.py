@@ -816,3 +816,35 @@ def test_cli_says_when_kafka_is_unreachable(monkeypatch, capsys):
     argv = ["simulate", "--experiments", str(ROOT / "config" / "demo.yaml")]
     assert main([*argv, "--kafka", "--records", "10"]) == 1
     assert "error: cannot reach Kafka at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_drift_of_a_bernoulli_feature_and_to_a_bernoulli():
+    spec = ExperimentSpec(
+        id="ranker-v2",
+        features={"query_length": LogNormal(median=20, sigma=0.5), "b": Bernoulli(p=0.1)},
+    )
+    s = sim(
+        experiments=[spec],
+        records=20_000,
+        units=None,
+        inject=[
+            Drift(experiment="ranker-v2", feature="b", at_s=10, distribution=Bernoulli(p=0.6)),
+            Drift(
+                experiment="ranker-v2",
+                feature="query_length",
+                at_s=10,
+                distribution=Bernoulli(p=0.5),
+            ),
+        ],
+    )
+    recs = decoded(s)
+    b = np.array([r["features"]["b"] for r in recs])
+    q = np.array([r["features"]["query_length"] for r in recs])
+    assert abs(b[:10_000].mean() - 0.1) < 0.02 and abs(b[10_000:].mean() - 0.6) < 0.03
+    assert set(np.unique(q[10_000:]).tolist()) == {0.0, 1.0} and q[:10_000].min() > 1
+    with pytest.raises(ConfigError) as err:
+        sim(
+            experiments=[spec],
+            inject=[Drift(experiment="ranker-v2", feature="b", distribution=Normal(mean=1, sd=1))],
+        )
+    assert err.value.problems[0].field == "inject[0].distribution"
