@@ -231,6 +231,7 @@ async def measure_ingest(
         "seconds": marks["committed"] - marks["ready"],
         "transactions": stage.totals["transactions"],
         "summaries": stage.totals["summaries"],
+        "summary_bytes": stage.totals["summary_bytes"],
     }
 
 
@@ -314,7 +315,8 @@ def main() -> None:
             print(
                 f"{k:>6} experiments: raw {r_rate:>9,.0f} ev/s | ingest {i_rate:>9,.0f} ev/s "
                 f"({i_rate / r_rate:.0%} of raw, {1e6 / i_rate:.2f} us/event, "
-                f"{ing['transactions']} transactions, {ing['summaries']} summaries) | "
+                f"{ing['transactions']} transactions, {ing['summaries']} summaries of "
+                f"{ing['summary_bytes'] / ing['events']:.0f} B/event) | "
                 f"peak RSS raw {raw['peak_rss_mb']:.0f} MB, ingest {ing['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
@@ -344,15 +346,16 @@ def main() -> None:
     print(f"N = {n:,} records of ~{rows[0][1]:.0f} bytes, {PARTITIONS} partitions")
     print(
         "| experiments | raw getmany+orjson ev/s | ingest ev/s | ingest/raw | ingest us/event "
-        "| ingest peak RSS MB |"
+        "| summary bytes/event | ingest peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for k, _, raw, ing in rows:
         r_rate = raw["events"] / raw["seconds"]
         i_rate = ing["events"] / ing["seconds"]
         print(
             f"| {k:,} | {r_rate:,.0f} | {i_rate:,.0f} | {i_rate / r_rate:.0%} | "
-            f"{1e6 / i_rate:.2f} | {ing['peak_rss_mb']:.0f} |"
+            f"{1e6 / i_rate:.2f} | {ing['summary_bytes'] / ing['events']:.0f} | "
+            f"{ing['peak_rss_mb']:.0f} |"
         )
     costs = [ing["seconds"] / ing["events"] for _, _, _, ing in rows]
     print(

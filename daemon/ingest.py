@@ -412,6 +412,7 @@ class IngestStage:
         t = self.totals
         t["transactions"] += 1
         t["summaries"] += len(flush.summaries)
+        t["summary_bytes"] += sum(len(v) for _, v in flush.summaries)
         t["consumed"] += flush.consumed
         t["summarised"] += flush.summarised
         t["deadlettered"] += sum(dead.values())
