@@ -405,9 +405,6 @@ async def _send_chunk(
 def run_cli(args: Any) -> int:
     """``armguard simulate``: the command-line edge (the only place that reads the clock)."""
     import dataclasses
-    import signal
-    import sys
-    from pathlib import Path
 
     from .experiments import load_experiments
     from .settings import load_settings
@@ -444,6 +441,16 @@ def run_cli(args: Any) -> int:
     import gc
 
     gc.freeze()
+    try:
+        return _emit(args, settings, scenario, sim, pacer)
+    finally:
+        gc.unfreeze()  # the process may go on (tests call main() in-process)
+
+
+def _emit(args: Any, settings: Any, scenario: Any, sim: Simulation, pacer: Pacer | None) -> int:
+    import signal
+    import sys
+    from pathlib import Path
 
     if not args.kafka:
         stop = {"now": False}
