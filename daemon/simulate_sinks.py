@@ -458,7 +458,13 @@ def _emit(args: Any, settings: Any, scenario: Any, sim: Simulation, pacer: Pacer
         def on_signal(signum: int, frame: Any) -> None:
             stop["now"] = True
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        import threading
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {
+                sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+            }
         to_stdout = args.output in (None, "-")
         try:
             if to_stdout:
@@ -486,6 +492,16 @@ def _emit(args: Any, settings: Any, scenario: Any, sim: Simulation, pacer: Pacer
 
     topic = args.topic or settings.topics.telemetry[0]
     key_by: KeyBy = args.key_by or ("unit" if scenario.units else "experiment")
+    if key_by == "unit" and not scenario.units:
+        from .errors import ConfigError, ConfigProblem
+
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "--key-by", "", "unit keys need a unit pool; the scenario has units: null"
+                )
+            ]
+        )
 
     async def to_kafka() -> SinkReport:
         from aiokafka import AIOKafkaProducer
