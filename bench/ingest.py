@@ -11,11 +11,11 @@ subprocess so the peak RSS is the measurement's own:
     timed from partition assignment to the commit of the last record.
 
 Each is measured ``--repeat`` times, alternating, and the best of each is kept (the box is
-shared). It prints events per second of both, their ratio, the per-event cost of ingest and the peak RSS,
+shared); the process CPU time per event is printed too, as it is less disturbed by neighbours. It prints events per second of both, their ratio, the per-event cost of ingest and the peak RSS,
 then how the per-event cost changes from the fewest to the most experiments, and the ingest's
 peak RSS at N/4 and N records (memory should not depend on the number of events).
 
-    .venv/bin/python bench/ingest.py                       # N = 400,000 (about 3 minutes)
+    .venv/bin/python bench/ingest.py                       # N = 400,000 (about 4 minutes)
     .venv/bin/python bench/ingest.py --records 100000 --experiments 10,10000   # quick
 """
 
@@ -164,6 +164,7 @@ async def measure_raw(topic: str, n_records: int) -> dict[str, float]:
         loads = orjson.loads
         seen = 0
         started = time.perf_counter()
+        cpu_started = time.process_time()
         while seen < n_records:
             batches = await consumer.getmany(timeout_ms=500, max_records=100_000)
             for records in batches.values():
@@ -171,9 +172,10 @@ async def measure_raw(topic: str, n_records: int) -> dict[str, float]:
                     loads(r.value)
                 seen += len(records)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     finally:
         await consumer.stop()
-    return {"events": seen, "seconds": elapsed}
+    return {"events": seen, "seconds": elapsed, "cpu_seconds": cpu}
 
 
 async def measure_ingest(
@@ -214,10 +216,12 @@ async def measure_ingest(
             folded = stage.totals["consumed"] + sum(a.pending for a in stage._accs.values())
             if "ready" not in marks and health.ready and stage._accs:
                 marks["ready"] = time.perf_counter()
+                marks["cpu_ready"] = time.process_time()
             if folded >= n_records and not stop.is_set():
                 stop.set()
             if stage.totals["consumed"] >= n_records:
                 marks["committed"] = time.perf_counter()
+                marks["cpu_committed"] = time.process_time()
                 break
             await asyncio.sleep(0.002)
         await task
@@ -229,6 +233,7 @@ async def measure_ingest(
     return {
         "events": stage.totals["consumed"],
         "seconds": marks["committed"] - marks["ready"],
+        "cpu_seconds": marks["cpu_committed"] - marks["cpu_ready"],
         "transactions": stage.totals["transactions"],
         "summaries": stage.totals["summaries"],
         "summary_bytes": stage.totals["summary_bytes"],
@@ -269,7 +274,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--records", type=int, default=400_000)
     p.add_argument("--experiments", default="10,1000,10000")
-    p.add_argument("--repeat", type=int, default=2, help="measurements of each, best kept")
+    p.add_argument("--repeat", type=int, default=3, help="measurements of each, best kept")
     p.add_argument("--measure", choices=["raw", "ingest"], help=argparse.SUPPRESS)
     p.add_argument("--topic", help=argparse.SUPPRESS)
     p.add_argument("--n-experiments", type=int, help=argparse.SUPPRESS)
@@ -346,21 +351,24 @@ def main() -> None:
     print(f"N = {n:,} records of ~{rows[0][1]:.0f} bytes, {PARTITIONS} partitions")
     print(
         "| experiments | raw getmany+orjson ev/s | ingest ev/s | ingest/raw | ingest us/event "
-        "| summary bytes/event | ingest peak RSS MB |"
+        "| CPU us/event raw / ingest | summary bytes/event | ingest peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for k, _, raw, ing in rows:
         r_rate = raw["events"] / raw["seconds"]
         i_rate = ing["events"] / ing["seconds"]
         print(
             f"| {k:,} | {r_rate:,.0f} | {i_rate:,.0f} | {i_rate / r_rate:.0%} | "
-            f"{1e6 / i_rate:.2f} | {ing['summary_bytes'] / ing['events']:.0f} | "
+            f"{1e6 / i_rate:.2f} | {1e6 * raw['cpu_seconds'] / raw['events']:.2f} / "
+            f"{1e6 * ing['cpu_seconds'] / ing['events']:.2f} | "
+            f"{ing['summary_bytes'] / ing['events']:.0f} | "
             f"{ing['peak_rss_mb']:.0f} |"
         )
     costs = [ing["seconds"] / ing["events"] for _, _, _, ing in rows]
+    cpu = [ing["cpu_seconds"] / ing["events"] for _, _, _, ing in rows]
     print(
         f"per-event cost, {rows[-1][0]:,} vs {rows[0][0]:,} experiments: "
-        f"{costs[-1] / costs[0]:.2f}x"
+        f"{costs[-1] / costs[0]:.2f}x wall, {cpu[-1] / cpu[0]:.2f}x CPU"
     )
     print(
         f"ingest peak RSS, {rows[0][0]:,} experiments, max_pending_records={max(1000, n // 8):,}: "
