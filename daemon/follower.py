@@ -574,10 +574,9 @@ class KillSwitchFollower:
             self.metrics.records_skipped.labels(topic=topic, reason=reason).inc()
 
     def _export_lag(self, tp: Any, lag: int) -> None:
-        with contextlib.suppress(Exception):
-            self.metrics.consumer_lag.labels(
-                group=self.name, topic=tp.topic, partition=str(tp.partition)
-            ).set(lag)
+        self.metrics.consumer_lag.labels(
+            group=self.name, topic=tp.topic, partition=str(tp.partition)
+        ).set(lag)
 
     def _notify(self, experiment: str, old: ExperimentView | None, new: ExperimentView) -> None:
         for cb in list(self._callbacks):
