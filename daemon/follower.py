@@ -28,6 +28,9 @@ default, so with ``fail_open=True`` such an experiment is allowed. Choose ``fail
 deny everything armguard has not explicitly declared running, including new experiments until
 the evaluate stage publishes their first revision.
 
+The partitions are those of the topic when the follower starts (a missing topic is waited for,
+not ready meanwhile); partitions added later are read after a restart.
+
 Records that are not a valid kill-switch event (not JSON, not CloudEvents 1.0, wrong type, a data
 section that breaks the contract, a key that differs from the experiment, a tombstone) are skipped
 and counted by reason in :attr:`~KillSwitchFollower.skipped`; the last good state is kept.
