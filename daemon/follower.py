@@ -607,10 +607,12 @@ class ThreadedKillSwitchFollower:
     running and answering the default); ``allowed()`` reads a dictionary and never blocks.
     Callbacks run on the follower's thread. Use it as a context manager.
 
-    Parameters are those of :class:`KillSwitchFollower`.
+    ``ready_timeout_s`` bounds the wait of ``start()`` and of ``with`` (which stops the thread
+    again when it times out); the other parameters are those of :class:`KillSwitchFollower`.
     """
 
-    def __init__(self, kafka: Any, **kwargs: Any):
+    def __init__(self, kafka: Any, *, ready_timeout_s: float | None = 30.0, **kwargs: Any):
+        self.ready_timeout_s = ready_timeout_s
         self._kwargs = kwargs
         self._kafka = kafka
         self.follower: KillSwitchFollower | None = None
@@ -621,7 +623,10 @@ class ThreadedKillSwitchFollower:
         self._error: BaseException | None = None
         self._fail_open = bool(kwargs.get("fail_open", True))
 
-    def start(self, timeout_s: float | None = 30.0) -> ThreadedKillSwitchFollower:
+    def start(self, timeout_s: float | None = None) -> ThreadedKillSwitchFollower:
+        """Start the thread and wait until ready (``timeout_s``, default ``ready_timeout_s``)."""
+        if timeout_s is None:
+            timeout_s = self.ready_timeout_s
         if self._thread is not None:
             raise RuntimeError("the follower is already started")
         self._thread = threading.Thread(target=self._main, name="armguard-follower", daemon=True)
@@ -666,7 +671,12 @@ class ThreadedKillSwitchFollower:
             raise self._error
 
     def __enter__(self) -> ThreadedKillSwitchFollower:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

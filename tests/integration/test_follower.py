@@ -180,3 +180,19 @@ async def test_latency_bench_smoke(kafka_bootstrap):
     results = await bench.measure(kafka_bootstrap, kills=20, poll_timeout_ms=200)
     assert len(results["commit call"]) == 20
     assert max(results["commit call"]) < 0.5
+
+
+async def test_threaded_follower_context_stops_its_thread_when_not_ready(kafka_bootstrap, unique):
+    follower = ThreadedKillSwitchFollower(
+        KafkaSettings(bootstrap_servers=kafka_bootstrap),
+        topic=f"missing-{unique}",
+        ready_timeout_s=0.5,
+    )
+
+    def enter() -> None:
+        with follower:
+            pass  # pragma: no cover - never ready
+
+    with pytest.raises(TimeoutError):
+        await asyncio.to_thread(enter)
+    assert follower._thread is None and follower.ready is False
