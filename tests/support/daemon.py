@@ -188,3 +188,37 @@ async def wait_for(predicate, what: str, limit_s: float = 60.0, interval: float 
             return last
         await asyncio.sleep(interval)  # polling interval of an observable condition
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+async def end_total(bootstrap: str, topic: str) -> int:
+    """Sum over partitions of the last stable offsets of ``topic``."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await reader.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await topic_partitions(reader, topic)]
+        if not tps:
+            return 0
+        ends = await reader.end_offsets(tps)
+        return sum(ends.values())
+    finally:
+        await reader.stop()
+
+
+async def caught_up(bootstrap: str, group: str, topic: str) -> bool:
+    """True when ``group`` has committed past the last committed data record of every partition
+    of ``topic`` (offsets of transaction markers make offset arithmetic unreliable)."""
+    last: dict[int, int] = {}
+    for r in await read_topic(bootstrap, topic):
+        last[r.partition] = max(last.get(r.partition, -1), r.offset)
+    if not last:
+        return False
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    committed = {tp.partition: m.offset for tp, m in offsets.items() if tp.topic == topic}
+    return all(committed.get(p, -1) > off for p, off in last.items())
