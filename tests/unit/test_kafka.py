@@ -25,6 +25,7 @@ def test_plaintext_options_carry_no_credentials():
         "client_id": "armguard",
         "security_protocol": "PLAINTEXT",
         "request_timeout_ms": 1234,
+        "metadata_max_age_ms": 10_000,
     }
 
 
