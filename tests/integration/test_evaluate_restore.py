@@ -1,0 +1,85 @@
+"""EvaluateStage._restore on the real broker: snapshots in, same states out, the GC left as found.
+
+The restore pauses the cyclic garbage collector while it loads snapshots (full collections over
+the growing heap dominated the restore of 10,000 experiments, bench/decision_latency.py); these
+tests pin that it restores every committed snapshot and always gives the collector back.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from armguard.daemon.engine import Engine
+from armguard.daemon.evaluate import EvaluateStage
+from armguard.daemon.experiments import parse_experiments
+from armguard.daemon.health import Health
+from armguard.daemon.metrics import Metrics
+from armguard.daemon.settings import Settings
+from tests.support.summaries import regression_stream
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+experiments:
+""" + "".join(
+    f"""
+  - id: exp-{i}
+    control: control
+    arms: {{control: 0.5, t1: 0.5}}
+    guardrails:
+      - {{metric: error, test: proportion, harmful: increase, min_samples: 500, action: kill}}
+      - {{metric: latency_ms, test: mean, harmful: increase, min_samples: 500, action: kill}}
+"""
+    for i in range(4)
+)
+
+
+async def _stage_with_state(kafka_bootstrap, make_topic):
+    experiments = parse_experiments(CONFIG, where="test.yaml")
+    source = Engine(experiments)
+    for i in range(4):
+        recs = regression_stream(i, experiment=f"exp-{i}", arms=("control", "t1"), n_batches=3)
+        for off, value in enumerate(recs):
+            source.apply_summary(value, topic="summaries", partition=0, offset=off)
+    snaps = {e: source.states[e].snapshot(source.version) for e in source.states}
+    state = await make_topic("state", partitions=1, compact=True)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for e, snap in snaps.items():
+            await producer.send_and_wait(state, orjson.dumps(snap), key=e.encode())
+    finally:
+        await producer.stop()
+    settings = Settings(
+        kafka={"bootstrap_servers": kafka_bootstrap},
+        topics={"state": state, "partitions": 1},
+    )
+    stage = EvaluateStage(settings, experiments, Metrics(CollectorRegistry()), Health())
+    return stage, snaps
+
+
+async def test_restore_loads_every_snapshot_and_reenables_the_gc(kafka_bootstrap, make_topic):
+    stage, snaps = await _stage_with_state(kafka_bootstrap, make_topic)
+    assert gc.isenabled()
+    await stage._restore(0)
+    assert gc.isenabled()
+    assert sorted(stage.engine.states) == sorted(snaps)
+    for e, snap in snaps.items():
+        assert stage.engine.states[e].snapshot(stage.engine.version) == snap
+        assert stage._owner[e] == 0
+
+
+async def test_restore_leaves_a_disabled_gc_disabled(kafka_bootstrap, make_topic):
+    stage, snaps = await _stage_with_state(kafka_bootstrap, make_topic)
+    gc.disable()
+    try:
+        await stage._restore(0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert sorted(stage.engine.states) == sorted(snaps)
