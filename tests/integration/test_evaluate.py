@@ -286,3 +286,37 @@ async def test_two_instances_one_killed_the_other_takes_over(setup):
     assert tel and tel[0]["first"] == 0
     assert b.alive()
     assert b.stop() == 0
+
+
+async def test_operator_override_silences_a_guardrail_until_it_expires(setup):
+    d = setup.daemon().start()
+    await asyncio.to_thread(d.wait_ready)
+    now = time.time()
+    # t2 regresses on errors only (latency healthy), from the first batch, in event time "now".
+    records = regression_stream(25, n_batches=40, bad_arm="t2", lat_bad=1.0, t_start=now)
+    for guardrail in ("error-proportion",):
+        done = await asyncio.to_thread(
+            setup.cli,
+            "override",
+            "ranker",
+            "--guardrail",
+            guardrail,
+            "--duration",
+            "60s",
+            "--reason",
+            "known noisy metric",
+            "--user",
+            "carol",
+        )
+        assert done.returncode == 0 and "applied" in done.stdout, done.stdout + done.stderr
+    await setup.feed(records[:10])  # 50 s of event time: inside the override
+    await setup.processed(10)
+    assert await setup.killswitch() == []
+    status = await asyncio.to_thread(setup.cli, "status", "ranker")
+    assert "overridden" in status.stdout
+    await setup.feed(records[10:])  # past the 60 s: the standing breach fires now
+    await setup.processed(40)
+    events = await setup.killswitch()
+    assert len(events) == 1 and events[0]["data"]["arms"]["t2"] == "killed"
+    assert events[0]["data"]["decision"]["guardrail"] == "error-proportion"
+    assert d.stop() == 0
