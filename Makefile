@@ -38,6 +38,9 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+bench: venv
+	scripts/run-bench
+
 broker-start: venv
 	scripts/kafka-local start
 
