@@ -186,3 +186,44 @@ async def test_flush_size_bound_splits_transactions(kafka_bootstrap, make_topic,
         "armguard_transactions_total", {"stage": "ingest", "outcome": "committed"}
     )
     assert committed_tx == 8
+
+
+async def test_topics_matched_by_a_pattern_are_all_ingested(kafka_bootstrap, admin, unique):
+    from aiokafka.admin import NewTopic
+
+    names = [f"tele-{unique}-web", f"tele-{unique}-app"]
+    summaries, deadletter = f"sum-{unique}", f"dl-{unique}"
+    await admin.create_topics([NewTopic(n, 1, 1) for n in [*names, summaries, deadletter]])
+    try:
+        now = time.time()
+        for i, name in enumerate(names):
+            await produce(kafka_bootstrap, name, list(good_records(300, now, seed=i)))
+        group = f"ingest-{unique}"
+        settings = Settings(
+            kafka={"bootstrap_servers": kafka_bootstrap, "session_timeout_ms": 6000},
+            topics={
+                "telemetry": [],
+                "telemetry_pattern": f"tele-{unique}-.*",
+                "summaries": summaries,
+                "deadletter": deadletter,
+            },
+            ingest={"group_id": group, "flush_interval_s": 0.3},
+        )
+        stage = IngestStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
+        stop = asyncio.Event()
+        task = asyncio.create_task(stage.run(stop))
+        try:
+            for name in names:
+                await wait_for(
+                    lambda name=name: _caught_up(admin, group, name, {0: 300}, task),
+                    f"{name} committed",
+                )
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        out = await read_topic(kafka_bootstrap, summaries)
+        sources = {orjson.loads(r.value)["source"]["topic"] for r in out}
+        assert sources == set(names)
+        assert stage.totals["consumed"] == stage.totals["summarised"] == 600
+    finally:
+        await admin.delete_topics([*names, summaries, deadletter])
