@@ -420,7 +420,10 @@ class IngestStage:
 
     def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
         for tp, acc in self._accs.items():
-            high = consumer.highwater(tp)
+            # read_committed: the last stable offset is the end this consumer can reach.
+            high = consumer.last_stable_offset(tp)
+            if high is None:
+                high = consumer.highwater(tp)
             if high is None or acc.next_offset is None:
                 continue
             self.metrics.consumer_lag.labels(

@@ -86,6 +86,14 @@ async def test_mixed_telemetry_reconciles_and_summaries_equal_one_pass(
             lambda: _caught_up(admin, group, topic, ends, task), "offsets committed to the end"
         )
         assert health.ready
+
+        def lag(p: int) -> float | None:
+            return registry.get_sample_value(
+                "armguard_consumer_lag_records",
+                {"group": group, "topic": topic, "partition": str(p)},
+            )
+
+        await wait_for(lambda: lag(0) == 0 and lag(1) == 0, "consumer lag 0 on both partitions")
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
