@@ -53,7 +53,7 @@ Examples
 >>> contract = Contract(exps, IngestSettings())
 >>> ok = b'{"experiment": "ranker-v2", "arm": "control", "ts": 1000.0, "metrics": {"latency_ms": 42}}'
 >>> contract.decode(ok, now=1001.0)
-Accepted(experiment='ranker-v2', arm='control', ts=1000.0, metrics={'latency_ms': 42}, features={})
+Accepted(experiment='ranker-v2', arm='control', ts=1000.0, metrics={'latency_ms': 42.0}, features={})
 >>> contract.decode(b'{"experiment": "ranker-v2", "arm": "control", "ts": 1000.0, '
 ...                 b'"metrics": {"latency_ms": -5}}', now=1001.0)
 Rejected(reason='out_of_range', detail='metrics.latency_ms=-5 outside [0.0, 60000.0]')
@@ -66,6 +66,7 @@ Skipped(reason='unknown_experiment', detail='other')
 from __future__ import annotations
 
 import gc
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -329,11 +330,16 @@ class PartitionAccumulator:
 
     def _reset(self) -> None:
         c = self.contract
-        self._gids: list[int] = []
-        self._ts: list[float] = []
+        # Typed arrays: 8 bytes per entry, and the drain reads them without a copy.
+        self._gids = array("q")
+        self._ts = array("d")
         # name -> (values, groups)
-        self._mcols: dict[str, tuple[list[Any], list[int]]] = {n: ([], []) for n in c.metric_names}
-        self._fcols: dict[str, tuple[list[Any], list[int]]] = {n: ([], []) for n in c.feature_names}
+        self._mcols: dict[str, tuple[array[float], array[int]]] = {
+            n: (array("d"), array("q")) for n in c.metric_names
+        }
+        self._fcols: dict[str, tuple[array[float], array[int]]] = {
+            n: (array("d"), array("q")) for n in c.feature_names
+        }
         self._deadletters: list[DeadLetter] = []
         self._skipped = 0
         self._skipped_detail = ""
@@ -538,8 +544,8 @@ class PartitionAccumulator:
         summaries: list[tuple[bytes, bytes]] = []
         summarised = len(self._gids)
         if summarised:
-            gids = np.array(self._gids, dtype=np.int64)
-            ts = np.array(self._ts, dtype=np.float64)
+            gids = np.frombuffer(self._gids, dtype=np.int64)
+            ts = np.frombuffer(self._ts, dtype=np.float64)
             labels, starts, counts = _segments(gids)
             order = np.argsort(gids, kind="stable")
             ts_sorted = ts[order]
@@ -553,8 +559,8 @@ class PartitionAccumulator:
                     if not vals:
                         continue
                     ids, states = summarise_groups(
-                        np.array(vals, dtype=np.float64),
-                        np.array(grp, dtype=np.int64),
+                        np.frombuffer(vals, dtype=np.float64),
+                        np.frombuffer(grp, dtype=np.int64),
                         relative_accuracy=ra,
                         numpy_counts=True,
                     )
