@@ -81,29 +81,42 @@ class Daemon:
     async def ensure_topics(self) -> None:
         """Create armguard's own topics that are missing (not the telemetry topics)."""
         from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.errors import KafkaError
 
         from .kafka import ensure_topics, kafka_options
 
         t = self.settings.topics
-        admin = AIOKafkaAdminClient(**kafka_options(self.settings.kafka))
-        await admin.start()
-        try:
-            created = await ensure_topics(
-                admin,
-                self.settings,
-                partitions=t.partitions,
-                replication_factor=t.replication_factor,
-            )
-        finally:
-            await admin.close()
+        delay = 0.5
+        while True:
+            admin = AIOKafkaAdminClient(**kafka_options(self.settings.kafka))
+            try:
+                await admin.start()
+                created = await ensure_topics(
+                    admin,
+                    self.settings,
+                    partitions=t.partitions,
+                    replication_factor=t.replication_factor,
+                )
+                break
+            except KafkaError as exc:
+                # A broker that is not up yet is waited for, not a reason to exit.
+                if self.stop.is_set():
+                    raise
+                log.warning(
+                    "cannot reach Kafka at %s (%r); retrying in %.1f s",
+                    self.settings.kafka.bootstrap_servers,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # back-off between connection attempts
+                delay = min(2 * delay, 10.0)
+            finally:
+                await admin.close()
         if created:
             log.info("created topics: %s", ", ".join(created))
 
     async def run(self, extra: Sequence[Stage] = ()) -> None:
         from .http import HttpServer
-
-        if self.settings.topics.create:
-            await self.ensure_topics()
 
         http = HttpServer(self.settings.http, self.registry, self.health, status=self)
         # Integrations (daemon/integrations.py): the kill-switch follower as one more supervised
@@ -111,7 +124,13 @@ class Daemon:
         from .integrations import build_integrations
 
         integrations = build_integrations(self.settings, http, self.metrics, self.health)
-        await http.start()
+        await http.start()  # probes answer (not ready) while the broker is waited for
+        if self.settings.topics.create:
+            try:
+                await self.ensure_topics()
+            except BaseException:
+                await http.stop()
+                raise
         stages = [*self.stages, *integrations, *extra]
         tasks = {asyncio.create_task(st.run(self.stop), name=st.name): st for st in stages}
         try:

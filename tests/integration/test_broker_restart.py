@@ -73,3 +73,33 @@ async def test_daemon_reconnects_and_catches_up_after_a_broker_restart(
         assert d.stop() == 0
     finally:
         s.close()
+
+
+async def test_daemon_started_before_the_broker_waits_for_it(tmp_path, unique):
+    port = free_port()
+    while free_port() == port + 1:
+        port = free_port()
+    run_dir = tmp_path / "broker"
+    s = Setup(f"127.0.0.1:{port}", tmp_path / "run", unique)
+    d = s.daemon().start()
+    try:
+
+        def probes() -> tuple[int, int]:
+            return d.get("/healthz")[0], d.get("/readyz")[0]
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while probes() != (200, 503):  # up and live, not ready: no broker yet
+            assert d.alive(), d.log.read_text()[-3000:]
+            assert asyncio.get_running_loop().time() < deadline, probes()
+            await asyncio.sleep(0.2)  # polling interval of an observable condition
+        assert "cannot reach Kafka" in d.log.read_text()
+        await asyncio.to_thread(kafka_local, "start", port, run_dir)
+        await asyncio.to_thread(d.wait_ready, 90)
+        await s.feed(regression_stream(32, n_batches=30, bad_arm="t2", start_batch_bad=5))
+        await s.processed(30)
+        events = await s.killswitch()
+        assert len(events) == 1 and events[0]["data"]["arms"]["t2"] == "killed"
+        assert d.stop() == 0
+    finally:
+        s.close()
+        kafka_local("stop", port, run_dir)
