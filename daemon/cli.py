@@ -16,6 +16,15 @@ from .errors import ArmguardError, ConfigError, ConfigProblem
 __all__ = ["build_parser", "main"]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("armguard")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="armguard",
@@ -24,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             "drift and anomaly detection per arm, kill switch on Kafka."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"armguard {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(

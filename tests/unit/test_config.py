@@ -194,3 +194,12 @@ def test_check_config_cli_exit_codes(tmp_path):
         f"error: {bad}: experiment 'a': arms: allocations must sum to 1, they sum to 1.1",
         f"error: {tmp_path / 'missing.yaml'}: file not found",
     ]
+
+
+def test_version_and_help():
+    run = [sys.executable, "-m", "armguard.daemon.cli"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("armguard 0.")
+    helptext = subprocess.run([*run, "--help"], capture_output=True, text=True).stdout
+    for command in ("run", "check-config", "replay", "simulate", "kill", "status", "watch"):
+        assert f"    {command}" in helptext, command
