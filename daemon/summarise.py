@@ -7,6 +7,9 @@ once and computes every group's moments, extremes and log-histogram buckets with
 reductions, producing exactly the state :meth:`Summary.to_state` would (histogram counts, count,
 min and max identical; sum, mean and m2 equal up to floating-point summation order).
 
+:class:`GroupSummaries` keeps the result in columns and builds one group's state dict on demand,
+so a flush can serialise experiment by experiment without holding every state at once.
+
 Examples
 --------
 >>> import numpy as np
@@ -32,23 +35,26 @@ import numpy as np
 
 from armguard.detectors.summary import LogHistogram, Summary
 
-__all__ = ["summarise_groups"]
+__all__ = ["GroupSummaries", "summarise_groups"]
 
 _TINY = float(np.finfo(np.float64).tiny)  # the zero bucket's bound, as in LogHistogram
-_EMPTY_STORE: list[Any] = [0, []]
 
 
 def _stores(
-    keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int, numpy_counts: bool
-) -> tuple[list[list[Any]], np.ndarray]:
-    """Dense bucket stores ``[offset, counts]`` per group from bucket ``keys`` of the values
-    whose (sorted, ascending) group index is ``seg``; also a mask of groups whose key range
-    exceeds ``max_bins`` (those need the collapsing store: the caller summarises them one by one).
+    keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dense bucket stores of every group from bucket ``keys`` of the values whose (sorted,
+    ascending) group index is ``seg``: per group the lowest key, the start and width of its
+    counts in one concatenated ``counts`` array (width 0: no values), and a mask of groups whose
+    key range exceeds ``max_bins`` (those need the collapsing store; the caller summarises them
+    one by one). Returns (offsets, bases, widths, counts, too_wide).
     """
-    out: list[list[Any]] = [_EMPTY_STORE] * n_groups
+    offsets = np.zeros(n_groups, dtype=np.int64)
+    bases = np.zeros(n_groups, dtype=np.int64)
+    widths = np.zeros(n_groups, dtype=np.int64)
     too_wide = np.zeros(n_groups, dtype=bool)
     if not keys.shape[0]:
-        return out, too_wide
+        return offsets, bases, widths, np.zeros(0, dtype=np.int64), too_wide
     starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
     present = seg[starts]
     kmin = np.minimum.reduceat(keys, starts)
@@ -63,14 +69,153 @@ def _stores(
     keep = ~wide[seg_of_value]
     idx = base[seg_of_value[keep]] + (keys[keep] - kmin[seg_of_value[keep]])
     counts = np.bincount(idx, minlength=int(width.sum()))
-    # Views into one array (no per-bucket Python objects), or one conversion then list slices.
-    counts_src: Any = counts if numpy_counts else counts.tolist()
-    for g, k0, b, w in zip(
-        present.tolist(), kmin.tolist(), base.tolist(), width.tolist(), strict=True
+    offsets[present] = kmin
+    bases[present] = base
+    widths[present] = width
+    return offsets, bases, widths, counts, too_wide
+
+
+class GroupSummaries:
+    """The summaries of many groups of values, in columns; :meth:`state` builds one group's
+    ``Summary.to_state()`` dict.
+
+    Parameters
+    ----------
+    values
+        Finite float64 values.
+    groups
+        Integer group label of each value (same length).
+    relative_accuracy, max_bins
+        As for :class:`~armguard.detectors.summary.Summary`.
+    numpy_counts
+        Give the histogram bucket counts as int64 array views instead of lists (no per-bucket
+        Python objects); serialise with ``orjson.OPT_SERIALIZE_NUMPY``. ``Summary.from_state``
+        accepts either.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> g = GroupSummaries(np.array([1.0, 2.0, 4.0, 8.0]), np.array([7, 3, 7, 3]))
+    >>> g.labels.tolist(), [g.state(j)["n"] for j in range(len(g))], g.index(7)
+    ([3, 7], [2, 2], 1)
+    >>> g.state(1)["sum"], g.state(1)["h"]["p"][0]
+    (5.0, 0)
+    """
+
+    def __init__(
+        self,
+        values: np.ndarray,
+        groups: np.ndarray,
+        *,
+        relative_accuracy: float = 0.01,
+        max_bins: int = 2048,
+        numpy_counts: bool = False,
     ):
-        if w:
-            out[g] = [k0, counts_src[b : b + w]]
-    return out, too_wide
+        values = np.asarray(values, dtype=np.float64)
+        groups = np.asarray(groups, dtype=np.int64)
+        if values.shape != groups.shape or values.ndim != 1:
+            raise ValueError("values and groups must be 1-d arrays of the same length")
+        if values.shape[0] and not np.isfinite(values).all():
+            raise ValueError("values must be finite (no NaN or inf)")
+        hist = LogHistogram(relative_accuracy=relative_accuracy, max_bins=max_bins)
+        self._ra = hist.relative_accuracy
+        self._mb = max_bins
+        order = np.argsort(groups, kind="stable")
+        g = groups[order]
+        v = values[order]
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if g.shape[0] else g[:0]
+        self.labels: np.ndarray = g[starts]
+        n_groups = self.labels.shape[0]
+        counts = np.diff(np.r_[starts, v.shape[0]]).astype(np.int64)
+        self._index: dict[int, int] | None = None
+        if not n_groups:
+            self._cols: tuple[list[Any], ...] = ()
+            self._pos = self._neg = ([], [], [], [])
+            self._wide: dict[int, dict[str, Any]] = {}
+            return
+        sums = np.add.reduceat(v, starts)
+        means = sums / counts
+        dev = v - np.repeat(means, counts)
+        m2 = np.add.reduceat(dev * dev, starts)
+        seg = np.repeat(np.arange(n_groups), counts)
+        pos = v >= _TINY
+        neg = v <= -_TINY
+        zeros = np.bincount(seg[~(pos | neg)], minlength=n_groups)
+        p_off, p_base, p_width, p_counts, p_wide = _stores(
+            hist._keys(v[pos]), seg[pos], n_groups, max_bins
+        )
+        n_off, n_base, n_width, n_counts, n_wide = _stores(
+            hist._keys(-v[neg]), seg[neg], n_groups, max_bins
+        )
+        # One conversion per column; per-group work is then plain list indexing.
+        self._cols = (
+            counts.tolist(),
+            sums.tolist(),
+            means.tolist(),
+            m2.tolist(),
+            np.minimum.reduceat(v, starts).tolist(),
+            np.maximum.reduceat(v, starts).tolist(),
+            zeros.tolist(),
+        )
+        self._pos = (
+            p_off.tolist(),
+            p_base.tolist(),
+            p_width.tolist(),
+            p_counts if numpy_counts else p_counts.tolist(),
+        )
+        self._neg = (
+            n_off.tolist(),
+            n_base.tolist(),
+            n_width.tolist(),
+            n_counts if numpy_counts else n_counts.tolist(),
+        )
+        self._wide = {}
+        for j in np.flatnonzero(p_wide | n_wide).tolist():
+            # Keys span more than max_bins: the collapsing store decides which buckets merge.
+            ref = Summary(relative_accuracy=relative_accuracy, max_bins=max_bins)
+            ref.update_many(v[starts[j] : starts[j] + counts[j]])
+            self._wide[j] = ref.to_state()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def index(self, label: int) -> int:
+        """Position of a group label in :attr:`labels` (``KeyError`` if it has no values)."""
+        if self._index is None:
+            self._index = {g: j for j, g in enumerate(self.labels.tolist())}
+        return self._index[label]
+
+    def state(self, j: int) -> dict[str, Any]:
+        """The ``Summary.to_state()`` dict of the group at position ``j``."""
+        wide = self._wide.get(j)
+        if wide is not None:
+            return wide
+        n, s, mean, m2, lo, hi, z = (col[j] for col in self._cols)
+        return {
+            "v": 1,
+            "n": n,
+            "sum": s,
+            "mean": mean,
+            "m2": m2,
+            "min": lo,
+            "max": hi,
+            "h": {
+                "ra": self._ra,
+                "mb": self._mb,
+                "p": _store_state(self._pos, j),
+                "n": _store_state(self._neg, j),
+                "z": z,
+            },
+        }
+
+
+def _store_state(store: tuple[Any, ...], j: int) -> list[Any]:
+    offsets, bases, widths, counts = store
+    w = widths[j]
+    if not w:
+        return [0, []]
+    b = bases[j]
+    return [offsets[j], counts[b : b + w]]
 
 
 def summarise_groups(
@@ -83,87 +228,14 @@ def summarise_groups(
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Summarise ``values`` per group label; return (sorted distinct labels, their states).
 
-    Parameters
-    ----------
-    values
-        Finite float64 values.
-    groups
-        Integer group label of each value (same length).
-    relative_accuracy, max_bins
-        As for :class:`~armguard.detectors.summary.Summary`.
-    numpy_counts
-        Give the histogram bucket counts as int64 array views instead of lists: much less
-        memory and time for many groups; serialise with ``orjson.OPT_SERIALIZE_NUMPY``
-        (``Summary.from_state`` accepts either).
-
-    Returns
-    -------
-    labels, states
-        The distinct labels ascending, and for each a ``Summary.to_state()`` dict of its values.
+    Every state at once; see :class:`GroupSummaries` (same parameters) to build them one at a
+    time.
     """
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.asarray(groups, dtype=np.int64)
-    if values.shape != groups.shape or values.ndim != 1:
-        raise ValueError("values and groups must be 1-d arrays of the same length")
-    if not values.shape[0]:
-        return np.zeros(0, dtype=np.int64), []
-    if not np.isfinite(values).all():
-        raise ValueError("values must be finite (no NaN or inf)")
-    order = np.argsort(groups, kind="stable")
-    g = groups[order]
-    v = values[order]
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    labels = g[starts]
-    n_groups = labels.shape[0]
-    counts = np.diff(np.r_[starts, v.shape[0]])
-    sums = np.add.reduceat(v, starts)
-    means = sums / counts
-    dev = v - np.repeat(means, counts)
-    m2 = np.add.reduceat(dev * dev, starts)
-    mins = np.minimum.reduceat(v, starts)
-    maxs = np.maximum.reduceat(v, starts)
-
-    seg = np.repeat(np.arange(n_groups), counts)
-    hist = LogHistogram(relative_accuracy=relative_accuracy, max_bins=max_bins)
-    pos = v >= _TINY
-    neg = v <= -_TINY
-    zeros = np.bincount(seg[~(pos | neg)], minlength=n_groups)
-    p_stores, p_wide = _stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins, numpy_counts)
-    n_stores, n_wide = _stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins, numpy_counts)
-    wide = p_wide | n_wide
-    ra = hist.relative_accuracy
-
-    states = []
-    for j, (n, s, mean, sq, lo, hi, z, ps, ns) in enumerate(
-        zip(
-            counts.tolist(),
-            sums.tolist(),
-            means.tolist(),
-            m2.tolist(),
-            mins.tolist(),
-            maxs.tolist(),
-            zeros.tolist(),
-            p_stores,
-            n_stores,
-            strict=True,
-        )
-    ):
-        if wide[j]:
-            # Keys span more than max_bins: the collapsing store decides which buckets merge.
-            ref = Summary(relative_accuracy=relative_accuracy, max_bins=max_bins)
-            ref.update_many(v[starts[j] : starts[j] + n])
-            states.append(ref.to_state())
-            continue
-        states.append(
-            {
-                "v": 1,
-                "n": n,
-                "sum": s,
-                "mean": mean,
-                "m2": sq,
-                "min": lo,
-                "max": hi,
-                "h": {"ra": ra, "mb": max_bins, "p": ps, "n": ns, "z": z},
-            }
-        )
-    return labels, states
+    g = GroupSummaries(
+        values,
+        groups,
+        relative_accuracy=relative_accuracy,
+        max_bins=max_bins,
+        numpy_counts=numpy_counts,
+    )
+    return g.labels, [g.state(j) for j in range(len(g))]
