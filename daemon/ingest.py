@@ -19,6 +19,9 @@ Exactly once, across crashes, restarts, rebalances and zombies:
   seek after ``init_transactions`` is what makes the start offset final.
 * A batch fetched while a rebalance ran is dropped (it is re-read from the committed offset),
   and an accumulator ignores offsets it already folded.
+* A producer fenced while the group still assigns its partition to us (a transaction that
+  outlived ``transaction_timeout_ms``) is re-acquired after two session timeouts: a real zombie
+  would have lost the partition in a rebalance by then.
 * If a flush fails for another reason, its transaction is aborted, the partition rewinds to
   the first offset of the flush and the records are folded again; after
   ``_MAX_CONSECUTIVE_FAILURES`` failures in a row the stage stops loudly.
@@ -116,6 +119,7 @@ class IngestStage:
         self._generation = 0
         self._listener_error: BaseException | None = None
         self._failures = 0
+        self._fenced: dict[TopicPartition, float] = {}  # partition -> when its producer was fenced
         self._partition_cache: dict[tuple[bytes, int], int] = {}
         # Totals for the shutdown line, counted at commit like the metrics.
         self.totals: dict[str, int] = defaultdict(int)
@@ -163,6 +167,7 @@ class IngestStage:
                             time.perf_counter() - started
                         )
                     await self._flush_due()
+                    await self._recover_fenced(consumer)
                 if not consumer.assignment() and self._generation:
                     self.health.set_ready(self.name, True)  # joined, owning nothing
                 self._export_lag(consumer)
@@ -207,44 +212,70 @@ class IngestStage:
 
     # -- partitions ---------------------------------------------------------------------------
     async def _assign(self, assigned: set[TopicPartition]) -> None:
-        consumer = self._consumer
-        assert consumer is not None
         self.health.set_ready(self.name, False)
         async with self._lock:
             self._generation += 1
+            self._fenced.clear()  # a new assignment re-acquires whatever it holds
             new = sorted(assigned - set(self._producers))
-            producers = {
-                tp: AIOKafkaProducer(
-                    **transactional_producer_options(
-                        self.settings,
-                        ingest_transactional_id(self.cfg.group_id, tp.topic, tp.partition),
-                    )
-                )
-                for tp in new
-            }
-            # init_transactions (in start) fences a zombie holding the id and settles its open
-            # transaction; only then is the committed offset final.
-            results = await asyncio.gather(
-                *(p.start() for p in producers.values()), return_exceptions=True
-            )
-            for (tp, p), res in zip(producers.items(), results, strict=True):
-                if isinstance(res, BaseException):
-                    for q in producers.values():
-                        await q.stop()
-                    raise res
-                self._producers[tp] = p
-            for tp in new:
-                committed = await consumer.committed(tp)
-                if committed is None:
-                    await consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, committed)
-                acc = PartitionAccumulator(self.contract, tp.topic, tp.partition)
-                acc.next_offset = committed
-                self._accs[tp] = acc
-                self._flushed_at[tp] = time.monotonic()
+            await self._acquire(new)
             log.info("assigned %d partition(s): %s", len(new), _names(new))
         self.health.set_ready(self.name, True)
+
+    async def _acquire(self, tps: list[TopicPartition]) -> None:
+        """Take ownership: start each partition's producer, then start from its committed offset."""
+        consumer = self._consumer
+        assert consumer is not None
+        producers = {
+            tp: AIOKafkaProducer(
+                **transactional_producer_options(
+                    self.settings,
+                    ingest_transactional_id(self.cfg.group_id, tp.topic, tp.partition),
+                )
+            )
+            for tp in tps
+        }
+        # init_transactions (in start) fences a zombie holding the id and settles its open
+        # transaction; only then is the committed offset final.
+        results = await asyncio.gather(
+            *(p.start() for p in producers.values()), return_exceptions=True
+        )
+        for res in results:
+            if isinstance(res, BaseException):
+                for q in producers.values():
+                    await q.stop()
+                raise res
+        for tp in tps:
+            self._producers[tp] = producers[tp]
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+            acc = PartitionAccumulator(self.contract, tp.topic, tp.partition)
+            acc.next_offset = committed
+            self._accs[tp] = acc
+            self._flushed_at[tp] = time.monotonic()
+
+    async def _recover_fenced(self, consumer: AIOKafkaConsumer) -> None:
+        """Re-acquire partitions whose producer was fenced while the group still gives them to
+        us. A zombie learns within a session timeout that it lost its partitions (a rebalance
+        revokes them); if the group still assigns a partition well after that, the fence came
+        from a transaction timeout, and no other instance can own the partition."""
+        if not self._fenced:
+            return
+        owned = consumer.assignment()
+        grace = 2 * self.settings.kafka.session_timeout_ms / 1000
+        now = time.monotonic()
+        due = []
+        for tp, at in list(self._fenced.items()):
+            if tp not in owned or tp in self._producers:
+                del self._fenced[tp]
+            elif now - at >= grace:
+                del self._fenced[tp]
+                due.append(tp)
+        if due:
+            log.warning("re-acquiring %s, still assigned after a fence", _names(due))
+            await self._acquire(sorted(due))
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
@@ -309,6 +340,7 @@ class IngestStage:
             self.totals["fenced"] += 1
             self.metrics.transactions.labels(stage=self.name, outcome="failed").inc()
             await self._close_partition(tp)
+            self._fenced[tp] = time.monotonic()
             return
         except KafkaError as exc:
             self._failures += 1

@@ -235,3 +235,45 @@ async def test_topics_matched_by_a_pattern_are_all_ingested(kafka_bootstrap, adm
         assert stage.totals["consumed"] == stage.totals["summarised"] == 600
     finally:
         await admin.delete_topics([*names, summaries, deadletter])
+
+
+async def test_a_fence_while_still_owning_the_partition_is_recovered(
+    kafka_bootstrap, admin, make_topic, unique
+):
+    """A fence without a rebalance (what a transaction timeout does) must not stall the
+    partition: after two session timeouts the stage re-acquires it from the committed offset."""
+    from aiokafka import AIOKafkaProducer
+
+    from armguard.daemon.ingest import ingest_transactional_id
+
+    topic = await make_topic("telemetry")
+    summaries = await make_topic("summaries")
+    deadletter = await make_topic("deadletter")
+    group = f"ingest-{unique}"
+    now = time.time()
+    await produce(kafka_bootstrap, topic, list(good_records(500, now, seed=11)))
+    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    stage = IngestStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        await wait_for(lambda: _caught_up(admin, group, topic, {0: 500}, task), "first 500")
+        usurper = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap,
+            transactional_id=ingest_transactional_id(group, topic, 0),
+        )
+        await usurper.start()  # init_transactions bumps the epoch: the stage's producer is fenced
+        await usurper.stop()
+        await produce(kafka_bootstrap, topic, list(good_records(500, now, seed=12)))
+        await wait_for(
+            lambda: _caught_up(admin, group, topic, {0: 1000}, task), "the rest", timeout_s=60
+        )
+        assert stage.totals["fenced"] == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    out = [r.value for r in await read_topic(kafka_bootstrap, summaries)]
+    assert_offsets_tile(out, {0: 1000}, topic, contiguous=True)
+    inputs = await read_topic(kafka_bootstrap, topic)
+    contract = Contract(experiments(), settings.ingest)
+    assert_same_summaries(merge_summaries(out), reference(contract, topic, {0: inputs}))
