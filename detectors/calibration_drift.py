@@ -11,6 +11,7 @@ from ._calibration import check_run_length, chi2_sf
 from ._edge import _EdgeAlarm
 
 _MAX_SCORE = 300.0
+_SQRT2 = math.sqrt(2.0)
 
 
 def bin_predictions(
@@ -110,6 +111,7 @@ class CalibrationDrift(_EdgeAlarm):
         self.clear_fraction = float(clear_fraction)
         self._threshold = math.log10(self.expected_run_length)
         self._window: list[list[list[float]]] = []
+        self._buffer: np.ndarray | None = None  # the window as an array, built on first use
         self._ece = 0.0
         self._bias = 0.0
         self._p_value = 1.0
@@ -122,43 +124,76 @@ class CalibrationDrift(_EdgeAlarm):
         outcome_sums: Sequence[float],
     ) -> None:
         """Add one interval's binned predictions and outcomes and evaluate the window."""
-        rows = []
-        for name, seq in (
-            ("counts", counts),
-            ("prediction_sums", prediction_sums),
-            ("outcome_sums", outcome_sums),
-        ):
-            row = [float(v) for v in seq]
-            if len(row) != self.n_bins:
-                raise ValueError(f"{name} must have n_bins={self.n_bins} entries, got {len(row)}")
-            if any(not math.isfinite(v) or v < 0 for v in row):
-                raise ValueError(f"{name} must be finite and >= 0")
-            rows.append(row)
-        if any(p > n or y > n for n, p, y in zip(*rows, strict=True)):
-            raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
-        self._window.append(rows)
-        if len(self._window) > self.window_intervals:
-            self._window.pop(0)
-        self._evaluate()
+        rows = [
+            self._row("counts", counts),
+            self._row("prediction_sums", prediction_sums),
+            self._row("outcome_sums", outcome_sums),
+        ]
+        for n, p, y in zip(*rows, strict=True):
+            if p > n or y > n:
+                raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
+        window = self._window
+        if self.window_intervals == 1:
+            window[:] = [rows]
+            self._evaluate(*rows)
+            return
+        # Window totals in numpy: the rows are kept in time order in a (window, 3, bins) buffer,
+        # so the sum is the one np.sum(axis=0) over the window list gives, bit for bit (a running
+        # add/subtract total would drift by rounding and differ after a state round trip).
+        buf = self._buffer
+        if buf is None:  # first update, or first after from_state: build it from the window
+            window.append(rows)
+            del window[: -self.window_intervals]
+            buf = self._buffer = np.zeros((self.window_intervals, 3, self.n_bins))
+            buf[: len(window)] = window
+        elif len(window) == self.window_intervals:
+            window.pop(0)
+            window.append(rows)
+            buf[:-1] = buf[1:]
+            buf[-1] = rows
+        else:
+            buf[len(window)] = rows
+            window.append(rows)
+        self._evaluate(*buf[: len(window)].sum(axis=0).tolist())
 
-    def _evaluate(self) -> None:
-        total = np.sum(np.asarray(self._window, dtype=np.float64), axis=0)
-        n, e, o = total
-        count = float(n.sum())
+    def _row(self, name: str, seq: Sequence[float]) -> list[float]:
+        if isinstance(seq, np.ndarray):
+            row = seq.tolist() if seq.dtype == np.float64 else list(map(float, seq.tolist()))
+        else:
+            row = list(map(float, seq))
+        if len(row) != self.n_bins:
+            raise ValueError(f"{name} must have n_bins={self.n_bins} entries, got {len(row)}")
+        # One comparison and one sum catch a negative, a NaN (the sum is NaN) or an inf.
+        if not (min(row) >= 0.0 and math.isfinite(sum(row))):
+            raise ValueError(f"{name} must be finite and >= 0")
+        return row
+
+    def _evaluate(self, n: list[float], e: list[float], o: list[float]) -> None:
+        # Plain floats: on ~10 bins each numpy call would cost more than the arithmetic.
+        count = sum(n)
         self._count = round(count)
         if count == 0:
             self._set_level(self._in_alarm)
             return
-        nz = n > 0
-        self._ece = float(np.sum(np.abs(e[nz] - o[nz])) / count)
-        self._bias = float((e.sum() - o.sum()) / count)
-        v = np.where(nz, e * (1.0 - e / np.where(nz, n, 1.0)), 0.0)
-        ok = v > 0
-        if ok.any():
-            hl = float(np.sum((o[ok] - e[ok]) ** 2 / v[ok]))
-            p_hl = chi2_sf(hl, int(ok.sum()))
-            z = float((o.sum() - e.sum()) / math.sqrt(v.sum()))
-            p_bias = math.erfc(abs(z) / math.sqrt(2.0))
+        gap = e_total = o_total = v_total = hl = 0.0
+        k = 0
+        for nb, eb, ob in zip(n, e, o, strict=True):
+            e_total += eb
+            o_total += ob
+            if nb > 0:
+                d = ob - eb
+                gap += abs(d)
+                v = eb * (1.0 - eb / nb)
+                if v > 0:
+                    v_total += v
+                    hl += d * d / v
+                    k += 1
+        self._ece = gap / count
+        self._bias = (e_total - o_total) / count
+        if k:
+            p_hl = chi2_sf(hl, k)
+            z = (o_total - e_total) / math.sqrt(v_total)
+            p_bias = math.erfc(abs(z) / _SQRT2)
             self._p_value = min(1.0, 2.0 * min(p_hl, p_bias))
         else:
             self._p_value = 1.0
