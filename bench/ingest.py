@@ -200,6 +200,17 @@ async def measure_ingest(
         ingest={"group_id": f"bench-ingest-{suffix}"}
         | ({"max_pending_records": max_pending} if max_pending else {}),
     )
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from armguard.daemon.kafka import ensure_topics
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        out_topics = [settings.topics.summaries, settings.topics.deadletter]
+        await ensure_topics(admin, settings, names=out_topics, partitions=PARTITIONS)
+    finally:
+        await admin.close()
     exps = ExperimentsFile.model_validate(experiments_config(n_experiments))
     health = Health()
     stage = IngestStage(settings, exps, Metrics(CollectorRegistry()), health)

@@ -53,7 +53,6 @@ from .experiments import ExperimentsFile
 from .health import Health
 from .kafka import (
     consumer_group_options,
-    ensure_topics,
     kafka_options,
     transactional_producer_options,
 )
@@ -127,7 +126,7 @@ class IngestStage:
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.health.set_ready(self.name, False)
-        await self._ensure_output_topics()
+        # The output topics exist: the Daemon creates armguard's topics (topics.create).
         consumer = AIOKafkaConsumer(
             **self._kafka,
             **consumer_group_options(self.settings.kafka),
@@ -197,18 +196,6 @@ class IngestStage:
         if self._listener_error is not None:
             exc, self._listener_error = self._listener_error, None
             raise exc
-
-    async def _ensure_output_topics(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(**self._kafka)
-        await admin.start()
-        try:
-            await ensure_topics(
-                admin, self.settings, names=[self.topics.summaries, self.topics.deadletter]
-            )
-        finally:
-            await admin.close()
 
     # -- partitions ---------------------------------------------------------------------------
     async def _assign(self, assigned: set[TopicPartition]) -> None:
