@@ -46,6 +46,7 @@ import asyncio
 import bisect
 import cProfile
 import io
+import logging
 import math
 import os
 import pstats
@@ -852,6 +853,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the restore")
     args = parser.parse_args()
+    # A new topic's first produce requests may meet NotLeaderForPartition and are retried; the
+    # sender's warnings about it would bury the figures.
+    logging.getLogger("aiokafka.producer.sender").setLevel(logging.ERROR)
     print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.only in (None, "decisions"):
         print("\n## Decision latency")
