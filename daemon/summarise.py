@@ -187,35 +187,33 @@ class GroupSummaries:
 
     def state(self, j: int) -> dict[str, Any]:
         """The ``Summary.to_state()`` dict of the group at position ``j``."""
-        wide = self._wide.get(j)
-        if wide is not None:
-            return wide
-        n, s, mean, m2, lo, hi, z = (col[j] for col in self._cols)
+        if self._wide and j in self._wide:
+            return self._wide[j]
+        counts, sums, means, m2s, mins, maxs, zeros = self._cols
+        p_off, p_base, p_width, p_counts = self._pos
+        n_off, n_base, n_width, n_counts = self._neg
+        w = p_width[j]
+        if w:
+            b = p_base[j]
+            pos = [p_off[j], p_counts[b : b + w]]
+        else:
+            pos = [0, []]
+        w = n_width[j]
+        if w:
+            b = n_base[j]
+            neg = [n_off[j], n_counts[b : b + w]]
+        else:
+            neg = [0, []]
         return {
             "v": 1,
-            "n": n,
-            "sum": s,
-            "mean": mean,
-            "m2": m2,
-            "min": lo,
-            "max": hi,
-            "h": {
-                "ra": self._ra,
-                "mb": self._mb,
-                "p": _store_state(self._pos, j),
-                "n": _store_state(self._neg, j),
-                "z": z,
-            },
+            "n": counts[j],
+            "sum": sums[j],
+            "mean": means[j],
+            "m2": m2s[j],
+            "min": mins[j],
+            "max": maxs[j],
+            "h": {"ra": self._ra, "mb": self._mb, "p": pos, "n": neg, "z": zeros[j]},
         }
-
-
-def _store_state(store: tuple[Any, ...], j: int) -> list[Any]:
-    offsets, bases, widths, counts = store
-    w = widths[j]
-    if not w:
-        return [0, []]
-    b = bases[j]
-    return [offsets[j], counts[b : b + w]]
 
 
 def summarise_groups(
