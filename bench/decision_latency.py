@@ -21,9 +21,9 @@ behind its schedule, the ingest group's lag (end - committed offsets, sampled ev
 the CPU used, so a rate the box cannot sustain shows, rather than a silently lower rate.
 
 Part 2, state restore. It writes realistic snapshots (an :class:`~armguard.daemon.engine.Engine`
-fed five 5-second summaries per experiment: 3 arms, 2 metrics and a feature with full
-histograms, 3 guardrails and SRM; 32 distinct snapshots reused under each experiment's id) for
-1,000 and 10,000 experiments to a compacted state topic (the daemon's topic configs, 6
+fed six 5-second summaries per experiment, ending mid evaluation interval: 3 arms, 2 metrics and
+a feature with full histograms, 3 guardrails and SRM; 32 distinct snapshots reused under each
+experiment's id) for 1,000 and 10,000 experiments to a compacted state topic (the daemon's topic configs, 6
 partitions, committed in transactions), then times ``EvaluateStage._restore`` for every partition
 (what the daemon runs on assignment before it reports ready), wall and CPU, split into
 ``Engine.restore`` (JSON parse + ``ExperimentState.restore``) and reading the topic, against the
@@ -795,11 +795,14 @@ async def restore_time(n: int, variants: list[dict[str, Any]], profile: bool) ->
 
 async def state_restore(args: argparse.Namespace) -> list[dict[str, Any]]:
     t = time.perf_counter()
-    variants = snapshot_variants(32, summaries=5, per_summary=4000)
+    # Six 5-second summaries end mid-way through a 10-second evaluation interval, so the
+    # snapshots carry the open interval's data too (five would end just after a boundary).
+    variants = snapshot_variants(32, summaries=6, per_summary=4000)
     sizes = [len(orjson.dumps(v)) for v in variants]
     print(
-        f"snapshots: {len(variants)} distinct, built by the Engine from 5 summaries (5 s each) of 4,000 "
-        f"records each (3 arms, 2 metrics + 1 feature, 3 guardrails + SRM), "
+        f"snapshots: {len(variants)} distinct, built by the Engine from 6 summaries (5 s each) "
+        "of 4,000 records each, mid evaluation interval (3 arms, 2 metrics + 1 feature, "
+        "3 guardrails + SRM), "
         f"{statistics.mean(sizes) / 1024:.1f} KiB on average ({time.perf_counter() - t:.1f} s)"
     )
     results = []
