@@ -51,21 +51,22 @@ def as_bins(obj: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if hasattr(obj, "histogram"):
         obj = obj.histogram
     if hasattr(obj, "bins"):
-        lower, upper, counts = obj.bins()
-    else:
-        try:
-            lower, upper, counts = obj
-        except (TypeError, ValueError):
-            raise ValueError(
-                "expected a Summary, a LogHistogram or a (lower, upper, counts) tuple, "
-                f"got {type(obj).__name__}"
-            ) from None
+        # A histogram's own bins are well formed (float edges, int64 counts >= 0): checking
+        # them again would cost more than the rest of an update.
+        return obj.bins()
+    try:
+        lower, upper, counts = obj
+    except (TypeError, ValueError):
+        raise ValueError(
+            "expected a Summary, a LogHistogram or a (lower, upper, counts) tuple, "
+            f"got {type(obj).__name__}"
+        ) from None
     lower = np.asarray(lower, dtype=np.float64)
     upper = np.asarray(upper, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int64)
     if not lower.shape == upper.shape == counts.shape or lower.ndim != 1:
         raise ValueError("lower, upper and counts must be 1-d arrays of the same length")
-    if counts.size and counts.min() < 0:
+    if counts.shape[0] and np.minimum.reduce(counts) < 0:
         raise ValueError("counts must be >= 0")
     return lower, upper, counts
 
@@ -88,31 +89,178 @@ def merge_bins(
     )
 
 
-def _align(a, b):
-    la, ua, ca = a
-    lb, ub, cb = b
-    upper = np.union1d(ua, ub)
-    lower = np.empty_like(upper)
-    p = np.zeros(upper.size, dtype=np.float64)
-    q = np.zeros(upper.size, dtype=np.float64)
-    ia = np.searchsorted(upper, ua)
-    ib = np.searchsorted(upper, ub)
-    lower[ia] = la
-    lower[ib] = lb
-    p[ia] = ca
-    q[ib] = cb
-    return lower, upper, p, q
+# The arithmetic below runs once per evaluation on a few hundred buckets and ~20 merged bins,
+# where numpy's fixed cost per call (about a microsecond) outweighs the work: it is written to
+# make few numpy calls on the fine buckets and to do the merged-bin arithmetic on plain floats.
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GROUP_EDGES: dict[int, np.ndarray] = {}  # last -> [1.0, 2.0, ..., last], for searchsorted
 
 
-def _coarsen(p, q, n, m, min_expected, max_bins):
-    """Merge adjacent bins so each expects >= min_expected in the smaller sample."""
-    pooled = np.cumsum(p + q)
-    total = pooled[-1]
+class _Pair:
+    """Two histograms aligned on the union of their buckets (private).
+
+    ``cp[i]`` and ``cq[i]`` count the values of each in the union's buckets ``0 .. i - 1`` (so
+    ``cp[0] == 0`` and ``cp[-1] == n``); ``upper`` holds the union's upper edges, ascending.
+    What several distances share (the CDF gap, the merged bins) is computed once, on demand.
+    """
+
+    __slots__ = ("_coarse", "_gap", "cp", "cq", "m", "n", "upper")
+
+    def __init__(self, upper: np.ndarray, cp: np.ndarray, cq: np.ndarray) -> None:
+        self.upper = upper
+        self.cp = cp
+        self.cq = cq
+        self.n = float(cp[-1])
+        self.m = float(cq[-1])
+        self._gap: np.ndarray | None = None
+        self._coarse: tuple[list[float], list[float]] | None = None
+
+    @property
+    def n_eff(self) -> float:
+        return self.n * self.m / (self.n + self.m)
+
+    def gap(self) -> np.ndarray:
+        """``|F(x) - G(x)|`` at every union edge (index ``i`` = after ``i`` buckets)."""
+        if self._gap is None:
+            self._gap = np.abs(self.cp / self.n - self.cq / self.m)
+        return self._gap
+
+    def coarse(self, min_expected: float, max_bins: int) -> tuple[list[float], list[float]]:
+        """Counts of both in adjacent buckets merged until each merged bin expects at least
+        ``min_expected`` values in the smaller sample, and at most ``max_bins`` remain."""
+        if self._coarse is None:
+            self._coarse = _coarsen(self, min_expected, max_bins)
+        return self._coarse
+
+
+def _pair(a: tuple, b: tuple) -> _Pair:
+    """Align two ``(lower, upper, counts)`` histograms on the union of their upper edges."""
+    ua, ca = a[1], a[2]
+    ub, cb = b[1], b[2]
+    u = np.concatenate((ua, ub))
+    u.sort(kind="stable")  # two sorted runs: a merge
+    keep = np.empty(u.shape[0], dtype=bool)
+    keep[:1] = True
+    np.not_equal(u[1:], u[:-1], out=keep[1:])
+    upper = u[keep]
+    size = upper.shape[0] + 1
+    p = np.zeros(size)
+    q = np.zeros(size)
+    p[1:][upper.searchsorted(ua)] = ca
+    q[1:][upper.searchsorted(ub)] = cb
+    return _Pair(upper, np.add.accumulate(p), np.add.accumulate(q))
+
+
+def _coarsen(pair: _Pair, min_expected: float, max_bins: int) -> tuple[list[float], list[float]]:
+    n, m = pair.n, pair.m
+    total = n + m
     step = max(min_expected * total / min(n, m), total / max_bins)
-    group = np.minimum(np.floor(pooled / step - 1e-9), np.floor(total / step - 1e-9) - 1)
-    group = np.maximum(group, 0).astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    return np.add.reduceat(p, starts), np.add.reduceat(q, starts)
+    # Bucket i joins group clip(floor(pooled_i / step - 1e-9), 0, last), pooled_i the pooled
+    # count up to and including it. pooled is non-decreasing, so group j >= 1 starts at the
+    # first bucket with pooled_i / step - 1e-9 >= j: one searchsorted finds every boundary.
+    last = math.floor(total / step - 1e-9) - 1
+    if last < 1:
+        return [n], [m]
+    edges = _GROUP_EDGES.get(last)
+    if edges is None:
+        edges = _GROUP_EDGES[last] = np.arange(1.0, last + 1.0)
+    v = (pair.cp[1:] + pair.cq[1:]) / step
+    v -= 1e-9
+    starts = v.searchsorted(edges)
+    at_p = pair.cp[starts].tolist()
+    at_q = pair.cq[starts].tolist()
+    cps, cqs = [], []
+    prev, pp, qq = 0, 0.0, 0.0
+    for s, x, y in zip(starts.tolist(), at_p, at_q, strict=True):
+        if s > prev:  # a group with no bucket (a bucket spanning several steps) is skipped
+            cps.append(x - pp)
+            cqs.append(y - qq)
+            prev, pp, qq = s, x, y
+    cps.append(n - pp)
+    cqs.append(m - qq)
+    return cps, cqs
+
+
+def _psi(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[float, ...]:
+    """(raw, null_mean, threshold) of PSI: 0.5 pseudo-counts on the merged bins."""
+    cps, cqs = pair.coarse(min_expected, max_bins)
+    k = len(cps)
+    dn = pair.n + 0.5 * k
+    dm = pair.m + 0.5 * k
+    log = math.log
+    raw = 0.0
+    for x, y in zip(cps, cqs, strict=True):
+        p = (x + 0.5) / dn
+        q = (y + 0.5) / dm
+        raw += (p - q) * log(p / q)
+    return _chi2_scaled(raw, 1.0, k, pair.n_eff, alpha)
+
+
+def _js(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[float, ...]:
+    """(raw, null_mean, threshold) of the Jensen-Shannon divergence on the merged bins."""
+    cps, cqs = pair.coarse(min_expected, max_bins)
+    k = len(cps)
+    dn = pair.n + 0.5 * k
+    dm = pair.m + 0.5 * k
+    log = math.log
+    to_p = to_q = 0.0
+    for x, y in zip(cps, cqs, strict=True):
+        p = (x + 0.5) / dn
+        q = (y + 0.5) / dm
+        mid = 0.5 * (p + q)
+        to_p += p * log(p / mid)
+        to_q += q * log(q / mid)
+    return _chi2_scaled(0.5 * to_p + 0.5 * to_q, 0.125, k, pair.n_eff, alpha)
+
+
+def _chi2_scaled(raw: float, scale: float, k: int, n_eff: float, alpha: float) -> tuple[float, ...]:
+    # PSI ~ X^2 / N and JS ~ X^2 / (8 N), X^2 ~ chi-square(k - 1): mean and upper alpha quantile.
+    null = scale * (k - 1) / n_eff
+    return raw, null, scale * chi2_isf(alpha, max(k - 1, 1)) / n_eff - null
+
+
+def _ks(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[float, ...]:
+    """(raw, null_mean, threshold) of KS on the binned CDFs (the fine buckets)."""
+    raw = float(np.maximum.reduce(pair.gap()))
+    root = math.sqrt(pair.n_eff)
+    null = KOLMOGOROV_MEAN / root
+    return raw, null, kolmogorov_isf(alpha) / root - null
+
+
+def _wasserstein(
+    pair: _Pair, alpha: float, min_expected: float, max_bins: int
+) -> tuple[float, ...]:
+    """(raw, null_mean, threshold) of Wasserstein-1 on the fine buckets."""
+    # Distribution mass sits at the bucket upper edges; W = sum |F - G| dx over the gaps.
+    upper = pair.upper
+    dx = upper[1:] - upper[:-1]
+    raw = float(np.dot(pair.gap()[1:-1], dx))
+    f = (pair.cp[1:-1] + pair.cq[1:-1]) / (pair.n + pair.m)  # pooled CDF at each gap
+    mean_bridge = _SQRT_2_OVER_PI * float(np.dot(np.sqrt(f * (1.0 - f)), dx))
+    # Var(int B(F) dx) = sum_ij (min(F_i, F_j) - F_i F_j) dx_i dx_j
+    #                  = sum_i F_i dx_i (dx_i + 2 sum_{j > i} dx_j) - (sum_i F_i dx_i)^2,
+    # and dx_i + 2 sum_{j > i} dx_j = 2 u_last - u_i - u_{i+1}: O(B), no suffix sums.
+    g = f * dx
+    span = (2.0 * float(upper[-1]) - upper[:-1]) - upper[1:]
+    var = max(float(np.dot(g, span)) - float(np.add.reduce(g)) ** 2, 0.0)
+    root = math.sqrt(pair.n_eff)
+    return raw, mean_bridge / root, math.sqrt(2.0 * var * math.log(1.0 / alpha)) / root
+
+
+_KERNELS = {"psi": _psi, "js": _js, "ks": _ks, "wasserstein": _wasserstein}
+
+
+def _all_distances(
+    pair: _Pair, alpha: float, min_expected: float, max_bins: int
+) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in DISTANCES:
+        raw, null, threshold = _KERNELS[name](pair, alpha, min_expected, max_bins)
+        out[name] = {"raw": raw, "null_mean": null, "corrected": raw - null, "threshold": threshold}
+    k = len(pair.coarse(min_expected, max_bins)[0])
+    out["_sizes"] = {"n": pair.n, "m": pair.m, "bins": float(k)}
+    return out
 
 
 def histogram_distances(
@@ -148,66 +296,12 @@ def histogram_distances(
     >>> round(moved["ks"]["corrected"], 3), round(moved["ks"]["threshold"], 3)
     (0.089, 0.052)
     """
-    la, ua, ca = as_bins(a)
-    lb, ub, cb = as_bins(b)
-    n = float(ca.sum())
-    m = float(cb.sum())
-    if n == 0 or m == 0:
-        raise ValueError(f"both histograms must be non-empty, got counts {int(n)} and {int(m)}")
-    _, upper, p, q = _align((la, ua, ca), (lb, ub, cb))
-    n_eff = n * m / (n + m)
-    out: dict[str, dict[str, float]] = {}
-
-    # PSI and JS on coarsened bins.
-    cp, cq = _coarsen(p, q, n, m, min_expected, max_bins)
-    k = cp.size
-    df = max(k - 1, 1)
-    chi2_thr = chi2_isf(alpha, df)
-    pp = (cp + 0.5) / (n + 0.5 * k)
-    qq = (cq + 0.5) / (m + 0.5 * k)
-    psi = float(np.sum((pp - qq) * np.log(pp / qq)))
-    mid = 0.5 * (pp + qq)
-    js = float(0.5 * np.sum(pp * np.log(pp / mid)) + 0.5 * np.sum(qq * np.log(qq / mid)))
-    for name, raw, scale in (("psi", psi, 1.0), ("js", js, 0.125)):
-        null = scale * (k - 1) / n_eff
-        out[name] = {
-            "raw": raw,
-            "null_mean": null,
-            "corrected": raw - null,
-            "threshold": scale * chi2_thr / n_eff - null,
-        }
-
-    # KS and Wasserstein on the fine buckets.
-    fp = np.cumsum(p) / n
-    fq = np.cumsum(q) / m
-    diff = np.abs(fp - fq)
-    ks = float(diff.max())
-    root = math.sqrt(n_eff)
-    null = KOLMOGOROV_MEAN / root
-    out["ks"] = {
-        "raw": ks,
-        "null_mean": null,
-        "corrected": ks - null,
-        "threshold": kolmogorov_isf(alpha) / root - null,
-    }
-    # Distribution mass sits at the bucket upper edges; W = sum |F - G| dx over the gaps.
-    dx = np.diff(upper)
-    w = float(np.sum(diff[:-1] * dx))
-    pooled = (np.cumsum(p + q) / (n + m))[:-1]
-    mean_bridge = math.sqrt(2.0 / math.pi) * float(np.sum(np.sqrt(pooled * (1.0 - pooled)) * dx))
-    # Var(int B(F) dx) = sum_ij (min(F_i, F_j) - F_i F_j) dx_i dx_j, in O(B) with suffix sums.
-    tail = np.cumsum(dx[::-1])[::-1] - dx  # sum of dx_j for j > i
-    var = float(np.sum(pooled * dx * (dx + 2.0 * tail)) - np.sum(pooled * dx) ** 2)
-    var = max(var, 0.0)
-    null = mean_bridge / root
-    out["wasserstein"] = {
-        "raw": w,
-        "null_mean": null,
-        "corrected": w - null,
-        "threshold": math.sqrt(2.0 * var * math.log(1.0 / alpha)) / root,
-    }
-    out["_sizes"] = {"n": n, "m": m, "bins": float(k)}
-    return out
+    pair = _pair(as_bins(a), as_bins(b))
+    if pair.n == 0 or pair.m == 0:
+        raise ValueError(
+            f"both histograms must be non-empty, got counts {int(pair.n)} and {int(pair.m)}"
+        )
+    return _all_distances(pair, alpha, min_expected, max_bins)
 
 
 class _HistogramDrift(_EdgeAlarm):
@@ -250,7 +344,8 @@ class _HistogramDrift(_EdgeAlarm):
         ):
             raise ValueError(f"min_effect must be a finite number >= 0, got {min_effect!r}")
         self.min_effect = float(min_effect)
-        self._distances: dict[str, float] = {}
+        self._distances: dict[str, float] | None = {}
+        self._pair: _Pair | None = None  # the last evaluation's histograms, until distances read
         self._score = 0.0
         self._threshold = 0.0
 
@@ -264,19 +359,19 @@ class _HistogramDrift(_EdgeAlarm):
             "min_effect": self.min_effect,
         }
 
-    def _evaluate(self, a, b) -> None:
-        res = histogram_distances(
-            a,
-            b,
-            alpha=1.0 / self.expected_run_length,
-            max_bins=self.max_bins,
-            min_expected=self.min_expected,
+    def _evaluate(self, pair: _Pair) -> None:
+        """Decide on the configured distance of an aligned pair (both non-empty)."""
+        alpha = 1.0 / self.expected_run_length
+        raw, null, threshold = _KERNELS[self.distance](
+            pair, alpha, self.min_expected, self.max_bins
         )
-        self._distances = {name: res[name]["corrected"] for name in DISTANCES}
-        self._score = res[self.distance]["corrected"]
+        # The other three distances are only diagnostics: computed when first read.
+        self._pair = pair
+        self._distances = None
+        self._score = raw - null
         # Statistical threshold, raised to the smallest drift worth an alarm if one is set:
         # on very large windows a real but negligible difference is significant.
-        self._threshold = max(res[self.distance]["threshold"], self.min_effect)
+        self._threshold = max(threshold, self.min_effect)
         if self._score > self._threshold:
             self._set_level(True)
         elif self._in_alarm:
@@ -284,6 +379,15 @@ class _HistogramDrift(_EdgeAlarm):
             self._set_level(self._score > self.clear_fraction * self._threshold)
         else:
             self._set_level(False)
+
+    def _all(self) -> dict[str, float]:
+        if self._distances is None:
+            res = _all_distances(
+                self._pair, 1.0 / self.expected_run_length, self.min_expected, self.max_bins
+            )
+            self._distances = {name: res[name]["corrected"] for name in DISTANCES}
+            self._pair = None
+        return self._distances
 
     def _hold(self) -> None:
         """No evaluation possible this update (a window is empty): keep the level."""
@@ -302,7 +406,7 @@ class _HistogramDrift(_EdgeAlarm):
     @property
     def distances(self) -> dict[str, float]:
         """All four corrected distances of the last evaluation (empty before the first)."""
-        return dict(self._distances)
+        return dict(self._all())
 
     def to_dict(self) -> dict:
         """Current result as a JSON-safe dict (for metrics and decision records)."""
@@ -312,13 +416,13 @@ class _HistogramDrift(_EdgeAlarm):
             "score": self._score,
             "threshold": self._threshold,
             "distance": self.distance,
-            "distances": dict(self._distances),
+            "distances": dict(self._all()),
             "n_alarms": self._n_alarms,
         }
 
     def _result_state(self) -> dict:
         return {
-            "distances": dict(self._distances),
+            "distances": dict(self._all()),
             "score": self._score,
             "threshold": self._threshold,
             **self._edge_state(),
@@ -326,6 +430,7 @@ class _HistogramDrift(_EdgeAlarm):
 
     def _load_result_state(self, state: dict) -> None:
         self._distances = {k: float(v) for k, v in state["distances"].items()}
+        self._pair = None
         self._score = float(state["score"])
         self._threshold = float(state["threshold"])
         self._load_edge_state(state)

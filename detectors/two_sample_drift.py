@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .histogram_distance import _HistogramDrift, as_bins
+from .histogram_distance import _HistogramDrift, _pair, as_bins
 
 
 class TwoSampleDrift(_HistogramDrift):
@@ -85,12 +85,11 @@ class TwoSampleDrift(_HistogramDrift):
 
         If either is empty nothing is evaluated and the alarm level is kept.
         """
-        a = as_bins(treatment)
-        b = as_bins(control)
-        if not a[2].sum() or not b[2].sum():
+        pair = _pair(as_bins(treatment), as_bins(control))
+        if not pair.n or not pair.m:
             self._hold()
             return
-        self._evaluate(a, b)
+        self._evaluate(pair)
 
     def to_state(self) -> dict:
         """JSON-serialisable state; ``from_state`` rebuilds an identical detector."""

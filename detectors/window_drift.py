@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .histogram_distance import _HistogramDrift, as_bins, merge_bins
+from .histogram_distance import _HistogramDrift, _Pair, as_bins, merge_bins
 
 
 def _pack(bins: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[list]:
@@ -19,6 +19,74 @@ def _unpack(packed: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         np.asarray(packed[1], dtype=np.float64),
         np.asarray(packed[2], dtype=np.int64),
     )
+
+
+class _Grid:
+    """The reference and the recent window's sum on one grid of upper edges (private).
+
+    Derived from the detector's state and rebuilt from it when missing: each update adds the
+    new interval and subtracts the one leaving the window (two ``bincount`` calls each) instead
+    of merging the whole window and aligning it with the reference again. ``seen`` counts the
+    window intervals that list a bucket, so the union of buckets is exactly that of merging
+    the window's histograms (a bucket given with a count of 0 still belongs to it).
+    """
+
+    __slots__ = ("edges", "ref", "ref_seen", "seen", "win")
+
+    def __init__(self, reference: tuple, window: list[tuple]) -> None:
+        edges = np.unique(np.concatenate([reference[1], *(b[1] for b in window)]))
+        self._set(edges)
+        idx = edges.searchsorted(reference[1])
+        self.ref = np.bincount(idx, weights=reference[2], minlength=edges.shape[0])
+        self.ref_seen = np.bincount(idx, minlength=edges.shape[0]) > 0
+        for bins in window:
+            self.add(bins)
+
+    def _set(self, edges: np.ndarray) -> None:
+        self.edges = edges
+        self.win = np.zeros(edges.shape[0])
+        self.seen = np.zeros(edges.shape[0], dtype=np.int64)
+
+    def _locate(self, upper: np.ndarray) -> np.ndarray:
+        edges = self.edges
+        idx = edges.searchsorted(upper)
+        if upper.shape[0] and not (edges.take(idx, mode="clip") == upper).all():
+            # Buckets the grid has not seen yet: add their edges, move the counts over.
+            old = (edges, self.win, self.seen, self.ref, self.ref_seen)
+            self._set(np.union1d(edges, upper))
+            edges = self.edges
+            pos = edges.searchsorted(old[0])
+            self.win[pos] = old[1]
+            self.seen[pos] = old[2]
+            self.ref = np.zeros(edges.shape[0])
+            self.ref[pos] = old[3]
+            self.ref_seen = np.zeros(edges.shape[0], dtype=bool)
+            self.ref_seen[pos] = old[4]
+            idx = edges.searchsorted(upper)
+        return idx
+
+    def add(self, bins: tuple) -> None:
+        idx = self._locate(bins[1])
+        size = self.edges.shape[0]
+        self.win += np.bincount(idx, weights=bins[2], minlength=size)
+        self.seen += np.bincount(idx, minlength=size)
+
+    def remove(self, bins: tuple) -> None:
+        idx = self.edges.searchsorted(bins[1])  # it was added, so every edge is on the grid
+        size = self.edges.shape[0]
+        self.win -= np.bincount(idx, weights=bins[2], minlength=size)
+        self.seen -= np.bincount(idx, minlength=size)
+
+    def pair(self) -> _Pair:
+        """The recent window against the reference, on the buckets either of them lists."""
+        keep = self.ref_seen | (self.seen > 0)
+        p = self.win[keep]
+        q = self.ref[keep]
+        cp = np.zeros(p.shape[0] + 1)
+        cq = np.zeros(p.shape[0] + 1)
+        np.add.accumulate(p, out=cp[1:])
+        np.add.accumulate(q, out=cq[1:])
+        return _Pair(self.edges[keep], cp, cq)
 
 
 class WindowDrift(_HistogramDrift):
@@ -110,6 +178,7 @@ class WindowDrift(_HistogramDrift):
         self._reference = empty
         self._n_reference = 0
         self._window: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._grid: _Grid | None = None
 
     @property
     def ready(self) -> bool:
@@ -127,17 +196,26 @@ class WindowDrift(_HistogramDrift):
             self._n_reference += 1
             self._hold()
             return
-        self._window.append(bins)
-        if len(self._window) > self.window_intervals:
-            self._window.pop(0)
-        if len(self._window) < self.window_intervals:
+        window = self._window
+        window.append(bins)
+        leaving = window.pop(0) if len(window) > self.window_intervals else None
+        if len(window) < self.window_intervals:
             self._hold()
             return
-        recent = merge_bins(self._window)
-        if not recent[2].sum() or not self._reference[2].sum():
+        grid = self._grid
+        if grid is None:  # first evaluation (or first after from_state / reset_reference)
+            grid = self._grid = _Grid(self._reference, window)
+        else:
+            grid.add(bins)
+            if leaving is not None:
+                grid.remove(leaving)
+        pair = grid.pair()
+        if grid.edges.shape[0] > 2 * pair.upper.shape[0] + 64:
+            self._grid = None  # mostly buckets neither window lists any more: rebuild next time
+        if not pair.n or not pair.m:
             self._hold()
             return
-        self._evaluate(recent, self._reference)
+        self._evaluate(pair)
 
     def to_state(self) -> dict:
         """JSON-serialisable state; ``from_state`` rebuilds an identical detector."""
