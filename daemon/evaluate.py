@@ -37,6 +37,8 @@ __all__ = ["EvaluateStage"]
 
 log = logging.getLogger("armguard.evaluate")
 
+_RESTORE_FETCH_BYTES = 16 * 1024 * 1024
+
 
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, stage: EvaluateStage):
@@ -204,6 +206,11 @@ class EvaluateStage:
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
+            # Loading snapshots keeps the loop busy between fetches, so aiokafka's prefetch does
+            # not hide the round trips: 16 MiB per fetch instead of 1 MiB saves ~1 s at 10,000
+            # experiments (186 MiB of state, bench/decision_latency.py).
+            max_partition_fetch_bytes=_RESTORE_FETCH_BYTES,
+            fetch_max_bytes=_RESTORE_FETCH_BYTES,
         )
         await reader.start()
         n = 0
