@@ -89,6 +89,8 @@ def merge_bins(
     )
 
 
+# Each kernel returns (raw, null_mean, threshold on the corrected scale) for an aligned pair;
+# alpha=None skips the threshold (NaN) when only the distance is wanted.
 # The arithmetic below runs once per evaluation on a few hundred buckets and ~20 merged bins,
 # where numpy's fixed cost per call (about a microsecond) outweighs the work: it is written to
 # make few numpy calls on the fine buckets and to do the merged-bin arithmetic on plain floats.
@@ -182,7 +184,7 @@ def _coarsen(pair: _Pair, min_expected: float, max_bins: int) -> tuple[list[floa
     return cps, cqs
 
 
-def _psi(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[float, ...]:
+def _psi(pair: _Pair, alpha: float | None, min_expected: float, max_bins: int) -> tuple[float, ...]:
     """(raw, null_mean, threshold) of PSI: 0.5 pseudo-counts on the merged bins."""
     cps, cqs = pair.coarse(min_expected, max_bins)
     k = len(cps)
@@ -197,7 +199,7 @@ def _psi(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple
     return _chi2_scaled(raw, 1.0, k, pair.n_eff, alpha)
 
 
-def _js(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[float, ...]:
+def _js(pair: _Pair, alpha: float | None, min_expected: float, max_bins: int) -> tuple[float, ...]:
     """(raw, null_mean, threshold) of the Jensen-Shannon divergence on the merged bins."""
     cps, cqs = pair.coarse(min_expected, max_bins)
     k = len(cps)
@@ -214,24 +216,33 @@ def _js(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[
     return _chi2_scaled(0.5 * to_p + 0.5 * to_q, 0.125, k, pair.n_eff, alpha)
 
 
-def _chi2_scaled(raw: float, scale: float, k: int, n_eff: float, alpha: float) -> tuple[float, ...]:
+def _chi2_scaled(
+    raw: float, scale: float, k: int, n_eff: float, alpha: float | None
+) -> tuple[float, ...]:
     # PSI ~ X^2 / N and JS ~ X^2 / (8 N), X^2 ~ chi-square(k - 1): mean and upper alpha quantile.
     null = scale * (k - 1) / n_eff
+    if alpha is None:
+        return raw, null, math.nan
     return raw, null, scale * chi2_isf(alpha, max(k - 1, 1)) / n_eff - null
 
 
-def _ks(pair: _Pair, alpha: float, min_expected: float, max_bins: int) -> tuple[float, ...]:
+def _ks(pair: _Pair, alpha: float | None, min_expected: float, max_bins: int) -> tuple[float, ...]:
     """(raw, null_mean, threshold) of KS on the binned CDFs (the fine buckets)."""
     raw = float(np.maximum.reduce(pair.gap()))
     root = math.sqrt(pair.n_eff)
     null = KOLMOGOROV_MEAN / root
+    if alpha is None:
+        return raw, null, math.nan
     return raw, null, kolmogorov_isf(alpha) / root - null
 
 
 def _wasserstein(
-    pair: _Pair, alpha: float, min_expected: float, max_bins: int
+    pair: _Pair, alpha: float | None, min_expected: float, max_bins: int
 ) -> tuple[float, ...]:
-    """(raw, null_mean, threshold) of Wasserstein-1 on the fine buckets."""
+    """(raw, null_mean, threshold) of Wasserstein-1 on the fine buckets.
+
+    ``alpha=None`` skips the threshold (NaN), the costly part, when only the distance is read.
+    """
     # Distribution mass sits at the bucket upper edges; W = sum |F - G| dx over the gaps.
     upper = pair.upper
     dx = upper[1:] - upper[:-1]
@@ -241,10 +252,12 @@ def _wasserstein(
     # Var(int B(F) dx) = sum_ij (min(F_i, F_j) - F_i F_j) dx_i dx_j
     #                  = sum_i F_i dx_i (dx_i + 2 sum_{j > i} dx_j) - (sum_i F_i dx_i)^2,
     # and dx_i + 2 sum_{j > i} dx_j = 2 u_last - u_i - u_{i+1}: O(B), no suffix sums.
+    root = math.sqrt(pair.n_eff)
+    if alpha is None:
+        return raw, mean_bridge / root, math.nan
     g = f * dx
     span = (2.0 * float(upper[-1]) - upper[:-1]) - upper[1:]
     var = max(float(np.dot(g, span)) - float(np.add.reduce(g)) ** 2, 0.0)
-    root = math.sqrt(pair.n_eff)
     return raw, mean_bridge / root, math.sqrt(2.0 * var * math.log(1.0 / alpha)) / root
 
 
@@ -382,10 +395,17 @@ class _HistogramDrift(_EdgeAlarm):
 
     def _all(self) -> dict[str, float]:
         if self._distances is None:
-            res = _all_distances(
-                self._pair, 1.0 / self.expected_run_length, self.min_expected, self.max_bins
-            )
-            self._distances = {name: res[name]["corrected"] for name in DISTANCES}
+            # The configured distance is the score; the others need no threshold.
+            out = {}
+            for name in DISTANCES:
+                if name == self.distance:
+                    out[name] = self._score
+                else:
+                    raw, null, _ = _KERNELS[name](
+                        self._pair, None, self.min_expected, self.max_bins
+                    )
+                    out[name] = raw - null
+            self._distances = out
             self._pair = None
         return self._distances
 
