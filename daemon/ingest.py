@@ -17,8 +17,11 @@ Exactly once, across crashes, restarts, rebalances and zombies:
   seeks there. A zombie's later commit fails with ``ProducerFenced``; it drops the partition.
 * aiokafka fetches committed positions before the assignment callback runs, so the explicit
   seek after ``init_transactions`` is what makes the start offset final.
-* A batch fetched while a rebalance ran is dropped (it is re-read from the committed offset),
-  and an accumulator ignores offsets it already folded.
+* A batch fetched while a rebalance ran is folded, never dropped (dropping it would leave the
+  consumer's position past records nobody folded): aiokafka returns only records fetched at the
+  current position of a current assignment, and an accumulator ignores offsets it already
+  folded. Records of a partition without an accumulator (not ours, or fenced) are ignored; the
+  next owner, or the re-acquisition, starts from the committed offset.
 * A producer fenced while the group still assigns its partition to us (a transaction that
   outlived ``transaction_timeout_ms``) is re-acquired after two session timeouts: a real zombie
   would have lost the partition in a rebalance by then.
@@ -149,7 +152,6 @@ class IngestStage:
             while not stop.is_set():
                 self._check_listener()
                 self.health.beat(self.name, stall_after_s=stall)
-                generation = self._generation
                 # Never fetch more than fits under the flush bound: pending records (and so
                 # memory) stay at most max_pending_records; _flush_due made room.
                 room = self.cfg.max_pending_records - sum(a.pending for a in self._accs.values())
@@ -159,7 +161,7 @@ class IngestStage:
                 )
                 self._check_listener()
                 async with self._lock:
-                    if batches and generation == self._generation:
+                    if batches:
                         started = time.perf_counter()
                         self._fold(batches)
                         self.metrics.batch_duration.labels(stage=self.name).observe(
@@ -282,10 +284,14 @@ class IngestStage:
 
     # -- the hot path -------------------------------------------------------------------------
     def _fold(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        # A batch fetched across a rebalance is folded too, never dropped: dropping it would
+        # leave the consumer's position past records that were never folded. aiokafka only
+        # returns records fetched at the current position (which _acquire set to the committed
+        # offset), and an accumulator ignores offsets it already folded.
         accs = self._accs
         for tp, records in batches.items():
             acc = accs.get(tp)
-            if acc is not None:  # else: revoked meanwhile; the new owner re-reads it
+            if acc is not None:  # else: not ours (any more); its owner starts from the commit
                 acc.fold(records)
 
     async def _flush_due(self) -> None:

@@ -277,3 +277,55 @@ async def test_a_fence_while_still_owning_the_partition_is_recovered(
     inputs = await read_topic(kafka_bootstrap, topic)
     contract = Contract(experiments(), settings.ingest)
     assert_same_summaries(merge_summaries(out), reference(contract, topic, {0: inputs}))
+
+
+async def test_rebalances_between_live_instances_lose_and_duplicate_nothing(
+    kafka_bootstrap, admin, make_topic, unique
+):
+    """A second instance joins mid-stream and the first leaves: each revocation commits what
+    was folded, each assignment starts from the committed offset."""
+    topic = await make_topic("telemetry", partitions=4)
+    summaries = await make_topic("summaries", partitions=2)
+    deadletter = await make_topic("deadletter")
+    group = f"ingest-{unique}"
+    now = time.time()
+    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+
+    def stage() -> IngestStage:
+        return IngestStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
+
+    first, second = stage(), stage()
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(first.run(stop_first))]
+    sent = 0
+
+    async def send(n: int, seed: int) -> None:
+        nonlocal sent
+        await produce(kafka_bootstrap, topic, list(good_records(n, now, seed=seed)), partitions=4)
+        sent += n
+
+    try:
+        await send(2000, 21)
+        await wait_for(lambda: first.totals["consumed"] >= 1000, "the first instance to commit")
+        tasks.append(asyncio.create_task(second.run(stop_second)))
+        await wait_for(lambda: len(second._accs) > 0, "the second instance to get partitions")
+        await send(2000, 22)
+        await wait_for(lambda: second.totals["consumed"] > 0, "the second instance to commit")
+        stop_first.set()  # leaves the group: its partitions move to the second instance
+        await asyncio.wait_for(tasks[0], 30)
+        await send(2000, 23)
+        ends = await end_offsets(kafka_bootstrap, topic, 4)
+        await wait_for(lambda: _caught_up(admin, group, topic, ends, tasks[1]), "all committed")
+    finally:
+        stop_first.set()
+        stop_second.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert first.totals["consumed"] + second.totals["consumed"] == sent == 6000
+    out = [r.value for r in await read_topic(kafka_bootstrap, summaries)]
+    assert_offsets_tile(out, ends, topic, contiguous=True)
+    inputs = await read_topic(kafka_bootstrap, topic)
+    by_partition: dict[int, list] = {}
+    for r in inputs:
+        by_partition.setdefault(r.partition, []).append(r)
+    contract = Contract(experiments(), settings.ingest)
+    assert_same_summaries(merge_summaries(out), reference(contract, topic, by_partition))
