@@ -297,3 +297,52 @@ def test_distances_are_symmetric_nonnegative_and_zero_on_identical_inputs(a, b):
         assert ab[d]["raw"] == pytest.approx(ba[d]["raw"], rel=1e-9, abs=1e-15)
         assert ab[d]["threshold"] == pytest.approx(ba[d]["threshold"], rel=1e-9, abs=1e-15)
         assert aa[d]["raw"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_window_drift_grid_matches_merging_the_windows_every_update(distance):
+    # WindowDrift moves its window on a grid of edges instead of merging it every update; on a
+    # feature whose buckets keep changing (new edges, retired edges, a grid rebuild, explicit
+    # zero counts, empty intervals, a state round trip) every score and distance equals the
+    # direct computation.
+    rng = np.random.default_rng(10)
+    det = WindowDrift(reference_intervals=3, window_intervals=2, distance=distance)
+    parts = []
+    for i in range(80):
+        n = 0 if i % 17 == 16 else 300
+        bins = as_bins(Summary.from_values(rng.lognormal(0.08 * i, 0.2, n)))
+        if i % 11 == 5:  # a tuple listing buckets with a count of 0
+            lower, upper, counts = bins
+            bins = (lower, upper, np.where(np.arange(counts.size) < 3, 0, counts))
+        parts.append(bins)
+        det.update(bins)
+        if i == 40:
+            det = WindowDrift.from_state(json.loads(json.dumps(det.to_state())))
+        if i < 4:
+            continue
+        recent = merge_bins(parts[-2:])
+        if not recent[2].sum():
+            continue
+        direct = histogram_distances(recent, merge_bins(parts[:3]), alpha=1e-4)
+        assert det.score == pytest.approx(direct[distance]["corrected"], rel=1e-12, abs=1e-15)
+        assert det.threshold == pytest.approx(direct[distance]["threshold"], rel=1e-12)
+        for d, value in det.distances.items():
+            assert value == pytest.approx(direct[d]["corrected"], rel=1e-12, abs=1e-15), d
+
+
+def test_window_drift_keeps_buckets_listed_with_zero_counts_as_merging_does():
+    # A bucket listed with a count of 0 belongs to the union like any other: here it is the
+    # lowest one and forms a merged bin of its own (the next bucket holds most of the mass).
+    counts = np.zeros(40, dtype=np.int64)
+    counts[10:30] = 20
+    counts[9] = 2000
+    listed = np.r_[3, 9:30]
+    window_bins = (EDGES[listed] / EDGES[1] * EDGES[0], EDGES[listed], counts[listed])
+    reference = grid_bins(np.r_[np.zeros(9, dtype=np.int64), 2000, np.full(20, 20)])
+    det = WindowDrift(reference_intervals=1, window_intervals=1, distance="psi")
+    det.update(reference)
+    det.update(window_bins)
+    direct = histogram_distances(window_bins, reference, alpha=1e-4)
+    assert direct["_sizes"]["bins"] == 4  # the empty lowest bucket is a merged bin of its own
+    assert det.score == direct["psi"]["corrected"]
+    assert det.threshold == direct["psi"]["threshold"]
