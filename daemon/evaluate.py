@@ -78,6 +78,7 @@ class EvaluateStage:
         self._kafka = kafka_options(settings.kafka)
         self._producers: dict[int, AIOKafkaProducer] = {}
         self._owner: dict[str, int] = {}  # experiment -> partition number
+        self._next: dict[TopicPartition, int] = {}  # first input offset not yet committed
         self._lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self.restore_seconds: list[float] = []
@@ -184,6 +185,25 @@ class EvaluateStage:
         elapsed = time.monotonic() - started
         self.restore_seconds.append(elapsed)
         self.metrics.state_restore_duration.observe(elapsed)
+        await self._sync_positions(p)
+
+    async def _sync_positions(self, p: int) -> None:
+        """Start partition p's inputs at their committed offsets, read *after*
+        init_transactions: aiokafka fetched positions before the rebalance callback, and a
+        zombie's transaction that was still committing then may have moved them since.
+        Records before these positions (a batch fetched before the rebalance) are skipped."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for topic in (self.topics.summaries, self.topics.commands):
+            tp = TopicPartition(topic, p)
+            if tp not in consumer.assignment():
+                continue
+            committed = await consumer.committed(tp)
+            if committed is None:
+                committed = (await consumer.beginning_offsets([tp]))[tp]
+            consumer.seek(tp, committed)
+            self._next[tp] = committed
 
     async def _revoke(self, partitions: set[int]) -> None:
         async with self._lock:
@@ -191,6 +211,8 @@ class EvaluateStage:
                 await self._close_partition(p)
 
     async def _close_partition(self, p: int) -> None:
+        for tp in [tp for tp in self._next if tp.partition == p]:
+            del self._next[tp]
         owned = {e for e, q in self._owner.items() if q == p}
         self.engine.drop(owned)
         for e in owned:
@@ -207,8 +229,8 @@ class EvaluateStage:
             isolation_level="read_committed",
             auto_offset_reset="earliest",
             # Loading snapshots keeps the loop busy between fetches, so aiokafka's prefetch does
-            # not hide the round trips: 16 MiB per fetch instead of 1 MiB saves ~1 s at 10,000
-            # experiments (186 MiB of state, bench/decision_latency.py).
+            # not hide the round trips: 16 MiB per fetch instead of 1 MiB saves ~0.5 s (10%) at
+            # 10,000 experiments (186 MiB of state; bench/decision_latency.py, medians of 6 A/B).
             max_partition_fetch_bytes=_RESTORE_FETCH_BYTES,
             fetch_max_bytes=_RESTORE_FETCH_BYTES,
         )
@@ -263,22 +285,11 @@ class EvaluateStage:
         """Redo partition p from its last commit: the in-memory state ran ahead of what was
         committed, so it is rebuilt from the state topic and the input is re-read from the
         committed offsets (Kafka Streams does the same with a corrupted task)."""
-        assert self._consumer is not None
-        consumer = self._consumer
         delay = 0.5
         while True:
             try:
                 await self._close_partition(p)
                 await self._open_partition(p)
-                for topic in (self.topics.summaries, self.topics.commands):
-                    tp = TopicPartition(topic, p)
-                    if tp not in consumer.assignment():
-                        continue
-                    committed = await consumer.committed(tp)
-                    if committed is None:
-                        await consumer.seek_to_beginning(tp)
-                    else:
-                        consumer.seek(tp, committed)
                 log.info("partition %d recovered from its last committed state", p)
                 return
             except ProducerFenced:
@@ -291,6 +302,9 @@ class EvaluateStage:
 
     async def _process_partition(self, p: int, items: list[tuple[TopicPartition, Any]]) -> None:
         started = time.monotonic()
+        items = [(tp, rec) for tp, rec in items if rec.offset >= self._next.get(tp, 0)]
+        if not items:
+            return
         # Commands and summaries of one partition are applied in (timestamp, topic, offset)
         # order: a pure function of the input, so replay and restarts agree.
         items.sort(key=lambda it: (it[1].timestamp, it[0].topic, it[1].offset))
@@ -328,6 +342,7 @@ class EvaluateStage:
                     self._owner[e] = p
         outputs.extend(self.engine.snapshots())
         await self._commit(p, outputs, offsets)
+        self._next.update(offsets)
         self.metrics.batch_duration.labels(stage=self.name).observe(time.monotonic() - started)
 
     async def _commit(
