@@ -238,7 +238,7 @@ class EvaluateStage:
         n = 0
         # The cyclic GC is paused while snapshots are loaded: each adds ~90 long-lived tracked
         # objects, and the full collections that the growing heap triggers cost more than the
-        # loading itself at 10,000 experiments (bench/decision_latency.py: 8 s -> 4 s).
+        # loading itself at 10,000 experiments (bench/decision_latency.py: ~9 s -> ~5 s).
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
