@@ -80,7 +80,9 @@ def _check_config(args: argparse.Namespace) -> int:
             is_experiments = False
             if path.is_file():
                 try:
-                    data = yaml.safe_load(path.read_text())
+                    data = yaml.load(
+                        path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+                    )
                 except yaml.YAMLError:
                     data = None
                 # Settings have no `experiments` key; an empty file is reported as such.
