@@ -23,15 +23,15 @@ the CPU used, so a rate the box cannot sustain shows, rather than a silently low
 Part 2, state restore. It writes realistic snapshots (an :class:`~armguard.daemon.engine.Engine`
 fed six 5-second summaries per experiment, ending mid evaluation interval: 3 arms, 2 metrics and
 a feature with full histograms, 3 guardrails and SRM; 32 distinct snapshots reused under each
-experiment's id) for 1,000 and 10,000 experiments to a compacted state topic (the daemon's topic configs, 6
-partitions, committed in transactions), then times ``EvaluateStage._restore`` for every partition
+experiment's id) for 1,000 and 10,000 experiments to a compacted state topic (the daemon's
+topic configs, 6 partitions, committed in transactions), then times ``EvaluateStage._restore`` for every partition
 (what the daemon runs on assignment before it reports ready), wall and CPU, split into
 ``Engine.restore`` (JSON parse + ``ExperimentState.restore``) and reading the topic, against the
 target (under 5 s for 10,000).
 
 Usage::
 
-    .venv/bin/python bench/decision_latency.py                    # both parts, ~3.5 minutes
+    .venv/bin/python bench/decision_latency.py                    # both parts, ~2 minutes
     .venv/bin/python bench/decision_latency.py --only decisions --rate 20000 --runs 4
     .venv/bin/python bench/decision_latency.py --only restore --experiments 1000,10000 --profile
 
