@@ -20,6 +20,7 @@ Policy
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +196,7 @@ class Engine:
         self.command_max_age_s = command_max_age_s
         self.source = source
         self.states: dict[str, ExperimentState] = {}
+        self.pending: dict[str, bytes] = {}  # stashed snapshots not decoded yet
         self.dirty: set[str] = set()
         self.counters: dict[str, int] = {
             "summaries": 0,
@@ -214,7 +216,11 @@ class Engine:
             exp = self.by_id.get(experiment)
             if exp is None:
                 return None
-            st = self.states[experiment] = ExperimentState(exp)
+            raw = self.pending.pop(experiment, None)
+            if raw is not None:
+                st = self.states[experiment] = ExperimentState.restore(exp, orjson.loads(raw))
+            else:
+                st = self.states[experiment] = ExperimentState(exp)
         return st
 
     def restore(self, value: bytes) -> str | None:
@@ -223,12 +229,30 @@ class Engine:
         exp = self.by_id.get(snap.get("experiment"))
         if exp is None:
             return None
+        self.pending.pop(exp.id, None)
         self.states[exp.id] = ExperimentState.restore(exp, snap)
         return exp.id
+
+    def stash(self, experiment: str, value: bytes) -> bool:
+        """Keep a snapshot's bytes to restore later (lazily, on first use, or in idle time):
+        a partition is ready as soon as its state topic is read, whatever the number of
+        experiments. A later snapshot of the same experiment replaces an earlier one."""
+        if experiment not in self.by_id:
+            return False
+        self.states.pop(experiment, None)
+        self.pending[experiment] = value
+        return True
+
+    def restore_pending(self, limit: int) -> int:
+        """Decode up to ``limit`` stashed snapshots; returns how many are left."""
+        for experiment in list(itertools.islice(self.pending, limit)):
+            self.state_for(experiment)
+        return len(self.pending)
 
     def drop(self, experiments: set[str]) -> None:
         for e in experiments:
             self.states.pop(e, None)
+            self.pending.pop(e, None)
             self.dirty.discard(e)
 
     def snapshots(self) -> list[Output]:
@@ -524,7 +548,7 @@ class Engine:
 
     # -- read-only views for metrics and status -----------------------------------------------
     def experiment_ids(self) -> list[str]:
-        return sorted(self.states)
+        return sorted(set(self.states) | set(self.pending))
 
     def event_ids(self) -> str:
         return event_id(*sorted(self.states))

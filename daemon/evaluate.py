@@ -115,6 +115,11 @@ class EvaluateStage:
                     self.health.set_ready(self.name, True)
                 if batches:
                     await self._process(batches)
+                elif self.engine.pending:
+                    # Idle: decode stashed snapshots a slice at a time, so their guardrail
+                    # state is exported soon without stalling the loop.
+                    async with self._lock:
+                        self.engine.restore_pending(200)
                 await self._export_lag(consumer)
         finally:
             self.health.done(self.name)
@@ -236,9 +241,10 @@ class EvaluateStage:
         )
         await reader.start()
         n = 0
-        # The cyclic GC is paused while snapshots are loaded: each adds ~90 long-lived tracked
-        # objects, and the full collections that the growing heap triggers cost more than the
-        # loading itself at 10,000 experiments (bench/decision_latency.py: ~9 s -> ~5 s).
+        # Snapshots are stashed as bytes (decoded on first use or in idle time), so a partition
+        # is ready once its state topic is read. The cyclic GC stays paused meanwhile: decoding
+        # eagerly added ~90 tracked objects per experiment and GC passes cost as much as the
+        # loading (bench/decision_latency.py), and stashing still allocates per record.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -248,10 +254,11 @@ class EvaluateStage:
             while await reader.position(tp) < end:
                 batch = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
                 for rec in batch.get(tp, []):
-                    if rec.value is None:
+                    if rec.value is None or rec.key is None:
                         continue
-                    exp = self.engine.restore(rec.value)
-                    if exp is not None:
+                    # Stashed, decoded on first use or in idle time (restore_pending).
+                    exp = rec.key.decode("utf-8", "replace")
+                    if self.engine.stash(exp, rec.value):
                         self._owner[exp] = p
                         n += 1
         finally:

@@ -68,6 +68,9 @@ async def test_restore_loads_every_snapshot_and_reenables_the_gc(kafka_bootstrap
     assert gc.isenabled()
     await stage._restore(0)
     assert gc.isenabled()
+    # Read and stashed: ready at once; decoded on first use or in idle time.
+    assert sorted(stage.engine.pending) == sorted(snaps) and not stage.engine.states
+    assert stage.engine.restore_pending(10**9) == 0
     assert sorted(stage.engine.states) == sorted(snaps)
     for e, snap in snaps.items():
         assert stage.engine.states[e].snapshot(stage.engine.version) == snap
@@ -82,4 +85,4 @@ async def test_restore_leaves_a_disabled_gc_disabled(kafka_bootstrap, make_topic
         assert not gc.isenabled()
     finally:
         gc.enable()
-    assert sorted(stage.engine.states) == sorted(snaps)
+    assert sorted(stage.engine.experiment_ids()) == sorted(snaps)

@@ -372,3 +372,17 @@ def test_change_in_an_arm_level_kills_after_consecutive_alarms():
     d = events[0]["data"]["decision"]
     # RankCUSUM restarts on its alarm (it relearns the new level), so the score is fresh here.
     assert d["test"] == "change" and d["arm"] == "treatment" and d["threshold"] > 0
+
+
+def test_stashed_snapshots_restore_lazily_to_the_same_decisions(config):
+    recs = stream(13, n_batches=30, bad_arm="t1", start_batch_bad=4)
+    full = engine_for(config)
+    expected = [(o.kind, o.value) for o in run(full, recs) if o.kind != "state"]
+    first = engine_for(config)
+    got = [(o.kind, o.value) for o in run(first, recs[:10]) if o.kind != "state"]
+    snap = [o for o in first.snapshots() if o.kind == "state"][-1]
+    second = engine_for(config)
+    assert second.stash("ranker", snap.value) and not second.stash("unknown", snap.value)
+    assert second.experiment_ids() == ["ranker"] and not second.states
+    got += [(o.kind, o.value) for o in run(second, recs[10:], start=10) if o.kind != "state"]
+    assert got == expected and not second.pending
