@@ -128,3 +128,13 @@ def test_the_bad_config_example_error_is_true(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "error: " + m.group(1).replace("config/bad.yaml", str(bad))
+
+
+def test_the_dead_letter_reasons_in_the_readme_are_the_contracts():
+    from armguard.daemon.contract import REASONS
+
+    section = README.split("## Telemetry and dead letters", 1)[1].split("\n## ", 1)[0]
+    listed = section.split("The reasons are", 1)[1].split("Records of experiments", 1)[0]
+    assert re.findall(r"`([a-z_]+)`", listed.split("(")[0] + listed) and set(REASONS) <= set(
+        re.findall(r"`([a-z_]+)`", listed)
+    )
