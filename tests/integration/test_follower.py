@@ -16,7 +16,7 @@ from .killswitch_events import guardrail_row, killswitch_event, publish, state_s
 
 pytestmark = pytest.mark.integration
 
-BENCH_LATENCY = Path(__file__).resolve().parents[2] / "bench" / "latency.py"
+BENCH_LATENCY = Path(__file__).resolve().parents[2] / "bench" / "follower_latency.py"
 
 RUNNING = {"control": "running", "treatment": "running"}
 KILLED = {"control": "running", "treatment": "killed"}
@@ -171,7 +171,7 @@ async def test_threaded_follower_for_synchronous_apps(kafka_bootstrap, make_topi
 
 
 async def test_latency_bench_smoke(kafka_bootstrap):
-    """bench/latency.py works and a kill reaches allowed() well within the 500 ms target."""
+    """bench/follower_latency.py works and a kill reaches allowed() well within the 500 ms target."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("armguard_bench_latency", BENCH_LATENCY)
