@@ -40,39 +40,74 @@ __all__ = ["GroupSummaries", "summarise_groups"]
 _TINY = float(np.finfo(np.float64).tiny)  # the zero bucket's bound, as in LogHistogram
 
 
-def _stores(
-    keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Dense bucket stores of every group from bucket ``keys`` of the values whose (sorted,
-    ascending) group index is ``seg``: per group the lowest key, the start and width of its
-    counts in one concatenated ``counts`` array (width 0: no values), and a mask of groups whose
-    key range exceeds ``max_bins`` (those need the collapsing store; the caller summarises them
-    one by one). Returns (offsets, bases, widths, counts, too_wide).
-    """
-    offsets = np.zeros(n_groups, dtype=np.int64)
-    bases = np.zeros(n_groups, dtype=np.int64)
-    widths = np.zeros(n_groups, dtype=np.int64)
-    too_wide = np.zeros(n_groups, dtype=bool)
+class _Stores:
+    """The histogram stores (one sign) of every group, in the encoding ``Summary.to_state()``
+    chooses for each: the non-empty buckets as (key, count) pairs, concatenated group after
+    group, and dense counts for the groups stored dense, concatenated likewise."""
+
+    __slots__ = ("dense", "nnz", "offsets", "pair_counts", "pair_keys", "sparse", "starts", "wide")
+
+    def __init__(self, keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int) -> None:
+        """``keys``: bucket keys of the values whose (ascending) group position is ``seg``."""
+        pair_seg, pair_keys, pair_counts = _distinct_pairs(seg, keys)
+        nnz = np.bincount(pair_seg, minlength=n_groups)
+        starts = np.r_[0, np.cumsum(nnz)[:-1]]
+        present = nnz > 0
+        offsets = np.zeros(n_groups, dtype=np.int64)
+        width = np.zeros(n_groups, dtype=np.int64)
+        offsets[present] = pair_keys[starts[present]]
+        width[present] = pair_keys[starts[present] + nnz[present] - 1] - offsets[present] + 1
+        # Wider than max_bins: the collapsing store decides which buckets merge (GroupSummaries
+        # summarises those groups one by one). Same choice as _sparse_is_smaller in summary.py.
+        self.wide = width > max_bins
+        self.sparse = present & ~self.wide & (2 * nnz < width + 1)
+        dense = present & ~self.wide & ~self.sparse
+        d_width = np.where(dense, width, 0)
+        d_base = np.r_[0, np.cumsum(d_width)[:-1]]
+        in_dense = dense[pair_seg]
+        d_seg = pair_seg[in_dense]
+        d_counts = np.zeros(int(d_width.sum()), dtype=np.int64)
+        d_counts[d_base[d_seg] + pair_keys[in_dense] - offsets[d_seg]] = pair_counts[in_dense]
+        self.offsets = offsets
+        self.starts = starts
+        self.nnz = nnz
+        self.pair_keys = pair_keys
+        self.pair_counts = pair_counts
+        self.dense = (d_base, d_width, d_counts)
+
+    def columns(self, numpy_counts: bool) -> tuple[Any, ...]:
+        """Per group (lists): kind (0 empty, 1 dense, 2 sparse), the dense offset, the start
+        and length of its slice; then the three concatenated arrays the slices index (pair
+        keys, pair counts, dense counts), as int64 arrays or lists."""
+        d_base, d_width, d_counts = self.dense
+        sparse = self.sparse
+        kind = np.where(sparse, 2, np.where(d_width > 0, 1, 0))
+        at = np.where(sparse, self.starts, d_base)
+        length = np.where(sparse, self.nnz, d_width)
+        arrays = (self.pair_keys, self.pair_counts, d_counts)
+        if not numpy_counts:
+            arrays = tuple(a.tolist() for a in arrays)
+        return (kind.tolist(), self.offsets.tolist(), at.tolist(), length.tolist(), *arrays)
+
+
+def _distinct_pairs(seg: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (segment, key) pairs ascending, and how often each occurs."""
     if not keys.shape[0]:
-        return offsets, bases, widths, np.zeros(0, dtype=np.int64), too_wide
-    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-    present = seg[starts]
-    kmin = np.minimum.reduceat(keys, starts)
-    kmax = np.maximum.reduceat(keys, starts)
-    width = kmax - kmin + 1
-    wide = width > max_bins
-    too_wide[present[wide]] = True
-    width = np.where(wide, 0, width)
-    base = np.r_[0, np.cumsum(width)[:-1]]
-    lengths = np.diff(np.r_[starts, keys.shape[0]])
-    seg_of_value = np.repeat(np.arange(present.shape[0]), lengths)
-    keep = ~wide[seg_of_value]
-    idx = base[seg_of_value[keep]] + (keys[keep] - kmin[seg_of_value[keep]])
-    counts = np.bincount(idx, minlength=int(width.sum()))
-    offsets[present] = kmin
-    bases[present] = base
-    widths[present] = width
-    return offsets, bases, widths, counts, too_wide
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    kmin = int(keys.min())
+    span = int(keys.max()) - kmin + 1
+    if (int(seg[-1]) + 1) * span < 2**62:  # one sort of int64 codes (seg is ascending)
+        code = np.sort(seg * span + (keys - kmin))
+        first = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+        pair_seg, pair_key = np.divmod(code[first], span)
+        pair_key += kmin
+    else:  # codes would overflow: a two-key sort
+        order = np.lexsort((keys, seg))
+        s, k = seg[order], keys[order]
+        first = np.flatnonzero(np.r_[True, (s[1:] != s[:-1]) | (k[1:] != k[:-1])])
+        pair_seg, pair_key = s[first], k[first]
+    return pair_seg, pair_key, np.diff(np.r_[first, keys.shape[0]])
 
 
 class GroupSummaries:
@@ -88,9 +123,9 @@ class GroupSummaries:
     relative_accuracy, max_bins
         As for :class:`~armguard.detectors.summary.Summary`.
     numpy_counts
-        Give the histogram bucket counts as int64 array views instead of lists (no per-bucket
-        Python objects); serialise with ``orjson.OPT_SERIALIZE_NUMPY``. ``Summary.from_state``
-        accepts either.
+        Give the histogram bucket keys and counts as int64 array views instead of lists (no
+        per-bucket Python objects); serialise with ``orjson.OPT_SERIALIZE_NUMPY`` (the JSON is
+        the same). ``Summary.from_state`` accepts either.
 
     Examples
     --------
@@ -98,8 +133,8 @@ class GroupSummaries:
     >>> g = GroupSummaries(np.array([1.0, 2.0, 4.0, 8.0]), np.array([7, 3, 7, 3]))
     >>> g.labels.tolist(), [g.state(j)["n"] for j in range(len(g))], g.index(7)
     ([3, 7], [2, 2], 1)
-    >>> g.state(1)["sum"], g.state(1)["h"]["p"][0]
-    (5.0, 0)
+    >>> g.state(1)["sum"], g.state(1)["h"]["p"]  # keys 0 and 70 of 1.0 and 4.0: sparse
+    (5.0, [[0, 70], [1, 1]])
     """
 
     def __init__(
@@ -130,7 +165,7 @@ class GroupSummaries:
         self._index: dict[int, int] | None = None
         if not n_groups:
             self._cols: tuple[list[Any], ...] = ()
-            self._pos = self._neg = ([], [], [], [])
+            self._pos = self._neg = ([], [], [], [], [], [], [])
             self._wide: dict[int, dict[str, Any]] = {}
             return
         sums = np.add.reduceat(v, starts)
@@ -141,12 +176,8 @@ class GroupSummaries:
         pos = v >= _TINY
         neg = v <= -_TINY
         zeros = np.bincount(seg[~(pos | neg)], minlength=n_groups)
-        p_off, p_base, p_width, p_counts, p_wide = _stores(
-            hist._keys(v[pos]), seg[pos], n_groups, max_bins
-        )
-        n_off, n_base, n_width, n_counts, n_wide = _stores(
-            hist._keys(-v[neg]), seg[neg], n_groups, max_bins
-        )
+        p = _Stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins)
+        n = _Stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins)
         # One conversion per column; per-group work is then plain list indexing.
         self._cols = (
             counts.tolist(),
@@ -157,20 +188,10 @@ class GroupSummaries:
             np.maximum.reduceat(v, starts).tolist(),
             zeros.tolist(),
         )
-        self._pos = (
-            p_off.tolist(),
-            p_base.tolist(),
-            p_width.tolist(),
-            p_counts if numpy_counts else p_counts.tolist(),
-        )
-        self._neg = (
-            n_off.tolist(),
-            n_base.tolist(),
-            n_width.tolist(),
-            n_counts if numpy_counts else n_counts.tolist(),
-        )
+        self._pos = p.columns(numpy_counts)
+        self._neg = n.columns(numpy_counts)
         self._wide = {}
-        for j in np.flatnonzero(p_wide | n_wide).tolist():
+        for j in np.flatnonzero(p.wide | n.wide).tolist():
             # Keys span more than max_bins: the collapsing store decides which buckets merge.
             ref = Summary(relative_accuracy=relative_accuracy, max_bins=max_bins)
             ref.update_many(v[starts[j] : starts[j] + counts[j]])
@@ -190,18 +211,27 @@ class GroupSummaries:
         if self._wide and j in self._wide:
             return self._wide[j]
         counts, sums, means, m2s, mins, maxs, zeros = self._cols
-        p_off, p_base, p_width, p_counts = self._pos
-        n_off, n_base, n_width, n_counts = self._neg
-        w = p_width[j]
-        if w:
-            b = p_base[j]
-            pos = [p_off[j], p_counts[b : b + w]]
+        # Each store as Summary.to_state() encodes it: [offset, dense counts] or [keys, counts].
+        kind, off, at, length, keys, pcounts, dcounts = self._pos
+        k = kind[j]
+        if k == 2:
+            b = at[j]
+            e = b + length[j]
+            pos = [keys[b:e], pcounts[b:e]]
+        elif k:
+            b = at[j]
+            pos = [off[j], dcounts[b : b + length[j]]]
         else:
             pos = [0, []]
-        w = n_width[j]
-        if w:
-            b = n_base[j]
-            neg = [n_off[j], n_counts[b : b + w]]
+        kind, off, at, length, keys, pcounts, dcounts = self._neg
+        k = kind[j]
+        if k == 2:
+            b = at[j]
+            e = b + length[j]
+            neg = [keys[b:e], pcounts[b:e]]
+        elif k:
+            b = at[j]
+            neg = [off[j], dcounts[b : b + length[j]]]
         else:
             neg = [0, []]
         return {

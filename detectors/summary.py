@@ -105,20 +105,48 @@ class _Store:
         return new
 
     def to_state(self) -> list[Any]:
-        nz = np.flatnonzero(self.counts)
-        if not nz.shape[0]:
+        """``[offset, counts]`` (dense) or ``[keys, counts]`` (sparse), whichever has fewer
+        numbers; see :meth:`LogHistogram.to_state`."""
+        counts = self.counts
+        nz = np.flatnonzero(counts)
+        m = nz.shape[0]
+        if not m:
             return [0, []]
         a, b = int(nz[0]), int(nz[-1])
-        return [self.offset + a, self.counts[a : b + 1].tolist()]
+        if _sparse_is_smaller(m, b - a + 1):
+            return [(nz + self.offset).tolist(), counts[nz].tolist()]
+        return [self.offset + a, counts[a : b + 1].tolist()]
 
     @classmethod
     def from_state(cls, state: list[Any], max_bins: int) -> _Store:
         store = cls(max_bins)
-        offset, counts = state
-        if counts:
-            store.offset = int(offset)
-            store.counts = np.asarray(counts, dtype=np.int64)
+        first, counts = state
+        if np.ndim(first) == 0:  # dense: the lowest key, then the counts of every key from it
+            if len(counts):
+                store.offset = int(first)
+                store.counts = np.asarray(counts, dtype=np.int64)
+            return store
+        keys = np.asarray(first, dtype=np.int64)
+        values = np.asarray(counts, dtype=np.int64)
+        if keys.ndim != 1 or keys.shape != values.shape or not keys.shape[0]:
+            raise ValueError("a sparse histogram store needs as many keys as counts (at least 1)")
+        if keys.shape[0] > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+            raise ValueError("the keys of a sparse histogram store must be strictly ascending")
+        width = int(keys[-1]) - int(keys[0]) + 1
+        if width > max_bins:  # a store never spans more (and a bad state must not allocate)
+            raise ValueError(f"sparse histogram store spans {width} keys, more than {max_bins}")
+        store.offset = int(keys[0])
+        store.counts = np.zeros(width, dtype=np.int64)
+        store.counts[keys - store.offset] = values
         return store
+
+
+def _sparse_is_smaller(nonzero: int, width: int) -> bool:
+    """Whether a store with ``nonzero`` non-empty buckets spread over ``width`` keys is stored
+    sparse (``2 * nonzero`` numbers) rather than dense (``1 + width``). Ties stay dense, the
+    format every reader of version-1 states understands. ``daemon/summarise.py`` applies the
+    same rule column-wise, so both produce identical states."""
+    return 2 * nonzero < width + 1
 
 
 class LogHistogram:
@@ -323,7 +351,26 @@ class LogHistogram:
 
     # -- state -----------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
-        """Compact JSON-safe state: dense counts with an offset per store."""
+        """Compact JSON-safe state.
+
+        ``{"ra": relative_accuracy, "mb": max_bins, "p": store, "n": store, "z": zero_count}``
+        where each store (positive and negative magnitudes) is whichever of two encodings holds
+        fewer numbers: dense ``[offset, counts]``, the counts of every key from ``offset`` to
+        the largest non-empty key, or sparse ``[keys, counts]``, the strictly ascending keys of
+        the non-empty buckets and their counts (a few values spread over many buckets, as in
+        the small summaries of one ingest flush). Ties are dense; an empty store is ``[0, []]``.
+        :meth:`from_state` reads both, whatever the writer chose.
+
+        Examples
+        --------
+        >>> h = LogHistogram(relative_accuracy=0.01)
+        >>> h.update_many(np.array([1.0, 1.01, 1.01, 1.03, 0.0, -2.0, -50.0, -60.0]))
+        >>> h.to_state()  # positive: keys 0..2, dense; negative: 3 keys over 171, sparse
+        {'ra': 0.01, 'mb': 2048, 'p': [0, [1, 2, 1]], 'n': [[35, 196, 205], [1, 1, 1]], 'z': 1}
+        >>> LogHistogram.from_state({"ra": 0.01, "mb": 2048, "p": [0, [1, 1, 1]], "n": [0, []],
+        ...                          "z": 0}).bins()[2].tolist()
+        [1, 1, 1]
+        """
         return {
             "ra": self.relative_accuracy,
             "mb": self.max_bins,

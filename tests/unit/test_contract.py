@@ -23,7 +23,7 @@ from armguard.daemon.contract import (
 )
 from armguard.daemon.experiments import parse_experiments
 from armguard.daemon.settings import IngestSettings
-from armguard.daemon.summarise import summarise_groups
+from armguard.daemon.summarise import _distinct_pairs, summarise_groups
 from armguard.detectors.summary import Summary
 
 NOW = 1_764_300_000.0
@@ -384,28 +384,63 @@ def test_fuzz_batches_reconcile_and_agree_with_decode(contract, values):
             st.one_of(
                 st.floats(-1e12, 1e12, allow_nan=False),
                 st.sampled_from([0.0, -0.0, 1e-310, 5e-324, 1.0, 2.0]),
+                st.floats(100.0, 104.0),  # a few adjacent buckets: dense stores
+                st.floats(-104.0, -100.0),
             ),
         ),
         min_size=1,
         max_size=200,
     ),
     max_bins=st.sampled_from([16, 2048]),
+    relative_accuracy=st.sampled_from([0.01, 0.05]),
 )
-def test_summarise_groups_equals_one_summary_per_group(data, max_bins):
+def test_summarise_groups_equals_one_summary_per_group(data, max_bins, relative_accuracy):
     groups = np.array([g for g, _ in data])
     values = np.array([v for _, v in data])
-    labels, states = summarise_groups(values, groups, max_bins=max_bins)
-    assert labels.tolist() == sorted(set(groups.tolist()))
-    for label, state in zip(labels.tolist(), states, strict=True):
-        ref = Summary(max_bins=max_bins)
+    kw = {"max_bins": max_bins, "relative_accuracy": relative_accuracy}
+    labels, states = summarise_groups(values, groups, **kw)
+    # numpy_counts: int64 views instead of lists, serialised by orjson to the same bytes
+    labels_np, states_np = summarise_groups(values, groups, numpy_counts=True, **kw)
+    assert labels.tolist() == labels_np.tolist() == sorted(set(groups.tolist()))
+    for label, state, state_np in zip(labels.tolist(), states, states_np, strict=True):
+        ref = Summary(**kw)
         ref.update_many(values[groups == label])
         want = ref.to_state()
+        # same encoding choice (dense or sparse per store), same bytes
         assert state["h"] == want["h"]
+        h_bytes = orjson.dumps(want["h"])
+        assert orjson.dumps(state["h"]) == h_bytes
+        assert orjson.dumps(state_np["h"], option=orjson.OPT_SERIALIZE_NUMPY) == h_bytes
         assert (state["n"], state["min"], state["max"]) == (want["n"], want["min"], want["max"])
         scale = max(1.0, float(np.abs(values[groups == label]).max()))
         assert state["mean"] == pytest.approx(want["mean"], rel=1e-9, abs=1e-9 * scale)
         assert state["m2"] == pytest.approx(want["m2"], rel=1e-6, abs=1e-9 * scale**2)
-        assert Summary.from_state(orjson.loads(orjson.dumps(state))).count == want["n"]
+        back = Summary.from_state(orjson.loads(orjson.dumps(state)))
+        assert back.count == want["n"] and back.histogram == ref.histogram
+        assert Summary.from_state(state_np).histogram == ref.histogram
+
+
+def test_summarise_groups_encodes_each_store_as_summary_does():
+    rng = np.random.default_rng(42)
+    # group 0: 6 latencies over ~190 buckets (sparse), group 1: 1,000 close values (dense),
+    # group 2: both signs and zeros, group 3: keys over more than max_bins (collapsing store)
+    values = np.r_[
+        rng.lognormal(5.0, 1.0, size=6),
+        rng.normal(100.0, 1.0, size=1000),
+        [-3.0, -3.01, -500.0, 0.0, 2.0, 7.0],
+        [1e-10, 1e10, 5.0],
+    ]
+    groups = np.repeat([0, 1, 2, 3], [6, 1000, 6, 3])
+    _labels, states = summarise_groups(values, groups)
+    kinds = []
+    for j, state in enumerate(states):
+        want = Summary.from_values(values[groups == j]).to_state()
+        assert orjson.dumps(state["h"]) == orjson.dumps(want["h"])
+        assert (state["n"], state["min"], state["max"]) == (want["n"], want["min"], want["max"])
+        kinds.append(tuple(isinstance(state["h"][s][0], list) for s in ("p", "n")))
+    assert kinds == [(True, False), (False, False), (True, True), (True, False)]
+    keys = states[3]["h"]["p"][0]  # collapsed: 1e-10 counted in the lowest kept key
+    assert keys[-1] - keys[0] == 2047 and states[3]["h"]["p"][1] == [1, 1, 1]
 
 
 def test_summarise_groups_rejects_bad_input():
@@ -415,3 +450,14 @@ def test_summarise_groups_rejects_bad_input():
         summarise_groups(np.array([1.0, np.nan]), np.zeros(2, dtype=int))
     labels, states = summarise_groups(np.zeros(0), np.zeros(0, dtype=int))
     assert labels.shape == (0,) and states == []
+
+
+@pytest.mark.parametrize("key_span", [1000, 2**40])  # int64 codes, or the two-key sort
+def test_distinct_pairs_counts_each_group_key_pair(key_span):
+    rng = np.random.default_rng(42)
+    seg = np.sort(rng.integers(0, 2**23, size=500))
+    keys = rng.choice(np.array([-key_span, -3, 0, 5, key_span]), size=500)
+    pair_seg, pair_key, counts = _distinct_pairs(seg, keys)
+    want, want_counts = np.unique(np.c_[seg, keys], axis=0, return_counts=True)
+    assert pair_seg.tolist() == want[:, 0].tolist() and pair_key.tolist() == want[:, 1].tolist()
+    assert counts.tolist() == want_counts.tolist()

@@ -270,3 +270,124 @@ def test_from_moments():
     assert (s.count, s.sum, s.mean, s.variance) == (10, 20.0, 2.0, 4.0)
     assert s.quantile(0.5) is None
     assert math.isclose(s.m2, 36.0)
+
+
+# -- state encoding: dense or sparse per store ---------------------------------------------------
+
+# Values in a few adjacent buckets (dense wins) or spread over many (sparse wins), either sign.
+clustered = st.lists(st.floats(100.0, 104.0), min_size=1, max_size=40)
+spread = st.lists(st.floats(1e-3, 1e6), min_size=1, max_size=12)
+signed = st.tuples(st.one_of(clustered, spread), st.one_of(clustered, spread, st.just([]))).map(
+    lambda pn: pn[0] + [-x for x in pn[1]]
+)
+
+
+def _is_sparse(store) -> bool:
+    return isinstance(store[0], list)
+
+
+def _dense(store) -> list:
+    """A store state in the dense ``[offset, counts]`` form every version-1 writer used."""
+    if not _is_sparse(store):
+        return store
+    keys, counts = store
+    out = [0] * (keys[-1] - keys[0] + 1)
+    for k, c in zip(keys, counts, strict=True):
+        out[k - keys[0]] = c
+    return [keys[0], out]
+
+
+def _old_format(state: dict) -> dict:
+    h = state["h"]
+    return {**state, "h": {**h, "p": _dense(h["p"]), "n": _dense(h["n"])}}
+
+
+def _encoding_is_the_smaller(store) -> bool:
+    first, counts = store
+    if not counts:
+        return store == [0, []]
+    dense = _dense(store)
+    numbers_sparse, numbers_dense = 2 * len([c for c in dense[1] if c]), 1 + len(dense[1])
+    if _is_sparse(store):
+        keys = first
+        ascending = all(b > a for a, b in itertools.pairwise(keys))
+        return ascending and all(counts) and numbers_sparse < numbers_dense
+    return counts[0] > 0 and counts[-1] > 0 and numbers_dense <= numbers_sparse
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=signed, extra=signed, accuracy=st.sampled_from([0.001, 0.01, 0.05]))
+def test_state_chooses_the_smaller_encoding_and_round_trips_in_both(values, extra, accuracy):
+    s = Summary.from_values(np.array(values), relative_accuracy=accuracy)
+    state = s.to_state()
+    for store in (state["h"]["p"], state["h"]["n"]):
+        assert _encoding_is_the_smaller(store)
+    back = Summary.from_state(orjson.loads(orjson.dumps(state)))
+    assert back == s and back.to_state() == state
+    assert back.histogram.bins()[2].tolist() == s.histogram.bins()[2].tolist()
+    # equal behaviour afterwards: same updates, same states, same readings
+    back.update_many(np.array(extra))
+    s.update_many(np.array(extra))
+    assert back.to_state() == s.to_state()
+    for q in (0.01, 0.5, 0.99):
+        assert back.quantile(q) == s.quantile(q)
+    assert back.cdf(101.0) == s.cdf(101.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=signed, b=signed, max_bins=st.sampled_from([16, 2048]))
+def test_merge_of_decoded_states_equals_merge_of_originals(a, b, max_bins):
+    sa = Summary.from_values(np.array(a), max_bins=max_bins)
+    sb = Summary.from_values(np.array(b), max_bins=max_bins)
+    want = sa.merge(sb)
+    for conv in (lambda st_: st_, _old_format):  # as written now, and as older writers did
+        da = Summary.from_state(orjson.loads(orjson.dumps(conv(sa.to_state()))))
+        db = Summary.from_state(orjson.loads(orjson.dumps(conv(sb.to_state()))))
+        assert da.merge(db) == want and db.merge(da).histogram == want.histogram
+        da.merge_in(db)
+        assert da.to_state() == want.to_state()
+
+
+def test_both_encodings_occur_and_old_dense_states_still_read():
+    # 6 latencies spread over 82 buckets: sparse; 1,000 values over a few buckets: dense
+    small = Summary.from_values(np.array([80.0, 95.0, 120.0, 150.0, 240.0, 410.0]))
+    big = Summary.from_values(np.random.default_rng(42).normal(100.0, 1.0, size=1000))
+    assert _is_sparse(small.to_state()["h"]["p"]) and not _is_sparse(big.to_state()["h"]["p"])
+    old = _old_format(small.to_state())
+    assert len(old["h"]["p"][1]) > 80
+    assert 2 * len(orjson.dumps(small.to_state()["h"])) < len(orjson.dumps(old["h"]))
+    back = Summary.from_state(old)
+    assert back == small and back.to_state() == small.to_state()
+    # a state written by the dense-only encoder before sparse stores existed
+    legacy = {
+        "v": 1,
+        "n": 3,
+        "sum": 6.0,
+        "mean": 2.0,
+        "m2": 2.0,
+        "min": -1.0,
+        "max": 4.0,
+        "h": {"ra": 0.01, "mb": 2048, "p": [35, [1] + [0] * 34 + [1]], "n": [0, [1]], "z": 0},
+    }
+    s = Summary.from_state(legacy)
+    assert s.histogram.bins()[2].tolist() == [1, 1, 1] and s.quantile(0.5) == pytest.approx(
+        2.0, rel=0.01
+    )
+    assert s.to_state()["h"]["p"] == [[35, 70], [1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("store", "match"),
+    [
+        ([[3, 2], [1, 1]], "strictly ascending"),
+        ([[2, 2], [1, 1]], "strictly ascending"),
+        ([[1, 2, 3], [1, 1]], "as many keys as counts"),
+        ([[], []], "as many keys as counts"),
+        ([[0, 5000], [1, 1]], "spans 5001 keys, more than 2048"),
+    ],
+)
+def test_malformed_sparse_stores_are_rejected(store, match):
+    state = Summary().to_state()
+    state["h"]["p"] = store
+    with pytest.raises(ValueError, match=match):
+        Summary.from_state(state)
