@@ -97,11 +97,14 @@ def _distinct_pairs(seg: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
         return empty, empty, empty
     kmin = int(keys.min())
     span = int(keys.max()) - kmin + 1
-    if (int(seg[-1]) + 1) * span < 2**62:  # one sort of int64 codes (seg is ascending)
-        code = np.sort(seg * span + (keys - kmin))
+    if (int(seg[-1]) + 1) * span < 2**62:  # one sort of int64 codes
+        # seg is ascending, so the sorted codes keep seg where it is; the sort only orders
+        # keys within each run (timsort: "stable" is several times faster than quicksort here).
+        base = seg * span
+        code = np.sort(base + (keys - kmin), kind="stable")
         first = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-        pair_seg, pair_key = np.divmod(code[first], span)
-        pair_key += kmin
+        pair_seg = seg[first]
+        pair_key = code[first] - base[first] + kmin
     else:  # codes would overflow: a two-key sort
         order = np.lexsort((keys, seg))
         s, k = seg[order], keys[order]
@@ -165,7 +168,7 @@ class GroupSummaries:
         self._index: dict[int, int] | None = None
         if not n_groups:
             self._cols: tuple[list[Any], ...] = ()
-            self._pos = self._neg = ([], [], [], [], [], [], [])
+            self._pos = self._neg = None
             self._wide: dict[int, dict[str, Any]] = {}
             return
         sums = np.add.reduceat(v, starts)
@@ -176,8 +179,9 @@ class GroupSummaries:
         pos = v >= _TINY
         neg = v <= -_TINY
         zeros = np.bincount(seg[~(pos | neg)], minlength=n_groups)
-        p = _Stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins)
-        n = _Stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins)
+        # None: no value of that sign (negatives are rare), so every group's store is empty.
+        p = _Stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins) if pos.any() else None
+        n = _Stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins) if neg.any() else None
         # One conversion per column; per-group work is then plain list indexing.
         self._cols = (
             counts.tolist(),
@@ -188,10 +192,11 @@ class GroupSummaries:
             np.maximum.reduceat(v, starts).tolist(),
             zeros.tolist(),
         )
-        self._pos = p.columns(numpy_counts)
-        self._neg = n.columns(numpy_counts)
+        self._pos = None if p is None else p.columns(numpy_counts)
+        self._neg = None if n is None else n.columns(numpy_counts)
         self._wide = {}
-        for j in np.flatnonzero(p.wide | n.wide).tolist():
+        wide = [s.wide for s in (p, n) if s is not None]
+        for j in np.flatnonzero(np.logical_or.reduce(wide)).tolist() if wide else ():
             # Keys span more than max_bins: the collapsing store decides which buckets merge.
             ref = Summary(relative_accuracy=relative_accuracy, max_bins=max_bins)
             ref.update_many(v[starts[j] : starts[j] + counts[j]])
@@ -211,29 +216,32 @@ class GroupSummaries:
         if self._wide and j in self._wide:
             return self._wide[j]
         counts, sums, means, m2s, mins, maxs, zeros = self._cols
-        # Each store as Summary.to_state() encodes it: [offset, dense counts] or [keys, counts].
-        kind, off, at, length, keys, pcounts, dcounts = self._pos
-        k = kind[j]
-        if k == 2:
-            b = at[j]
-            e = b + length[j]
-            pos = [keys[b:e], pcounts[b:e]]
-        elif k:
-            b = at[j]
-            pos = [off[j], dcounts[b : b + length[j]]]
-        else:
-            pos = [0, []]
-        kind, off, at, length, keys, pcounts, dcounts = self._neg
-        k = kind[j]
-        if k == 2:
-            b = at[j]
-            e = b + length[j]
-            neg = [keys[b:e], pcounts[b:e]]
-        elif k:
-            b = at[j]
-            neg = [off[j], dcounts[b : b + length[j]]]
-        else:
-            neg = [0, []]
+        # Each store as Summary.to_state() encodes it: [offset, dense counts] or [keys, counts]
+        # (inlined: this runs once per group and metric, 100,000 times a flush).
+        pos: list[Any] = [0, []]
+        neg: list[Any] = [0, []]
+        cols = self._pos
+        if cols is not None:
+            kind, off, at, length, keys, pcounts, dcounts = cols
+            k = kind[j]
+            if k == 2:
+                b = at[j]
+                e = b + length[j]
+                pos = [keys[b:e], pcounts[b:e]]
+            elif k:
+                b = at[j]
+                pos = [off[j], dcounts[b : b + length[j]]]
+        cols = self._neg
+        if cols is not None:
+            kind, off, at, length, keys, pcounts, dcounts = cols
+            k = kind[j]
+            if k == 2:
+                b = at[j]
+                e = b + length[j]
+                neg = [keys[b:e], pcounts[b:e]]
+            elif k:
+                b = at[j]
+                neg = [off[j], dcounts[b : b + length[j]]]
         return {
             "v": 1,
             "n": counts[j],
