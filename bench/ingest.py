@@ -221,21 +221,21 @@ async def measure_ingest(
         # Poll in-process state: when partitions are assigned, when every record is folded
         # (then stop: the shutdown flush commits the rest at once), when all are committed.
         while True:
-            # Committed first: after stop, the final flush may commit and end the stage
-            # between two polls, and that is the normal end, not an early stop.
-            if stage.totals["consumed"] >= n_records:
-                marks["committed"] = time.perf_counter()
-                marks["cpu_committed"] = time.process_time()
-                break
-            if task.done():
-                task.result()
-                raise RuntimeError("the stage stopped early")
             folded = stage.totals["consumed"] + sum(a.pending for a in stage._accs.values())
             if "ready" not in marks and health.ready and stage._accs:
                 marks["ready"] = time.perf_counter()
                 marks["cpu_ready"] = time.process_time()
             if folded >= n_records and not stop.is_set():
                 stop.set()
+            if stage.totals["consumed"] >= n_records:
+                marks["committed"] = time.perf_counter()
+                marks["cpu_committed"] = time.process_time()
+                break
+            # Only now: after stop, the final flush may commit everything and end the stage
+            # between two polls, which is the normal end, not an early stop.
+            if task.done():
+                task.result()
+                raise RuntimeError("the stage stopped early")
             await asyncio.sleep(0.002)
         await task
     finally:
