@@ -28,23 +28,11 @@ from tests.support.daemon import (
     topic_env,
     wait_for,
 )
-from tests.support.summaries import regression_stream
+from tests.support.summaries import RANKER_EXPERIMENTS, regression_stream
 
 pytestmark = pytest.mark.integration
 
-EXPERIMENTS = """
-experiments:
-  - id: ranker
-    control: control
-    arms: {control: 0.34, t1: 0.33, t2: 0.33}
-    alpha: 0.05
-    guardrails:
-      - {metric: error, test: proportion, harmful: increase, min_samples: 500, action: kill}
-      - {metric: latency_ms, test: mean, harmful: increase, margin: "2%", min_samples: 500, action: kill}
-      - {name: latency-shadow, metric: latency_ms, test: mean, harmful: increase, min_samples: 500,
-         action: kill, shadow: true}
-    srm: {alpha: 0.001, action: alert, min_samples: 1000}
-"""
+EXPERIMENTS = RANKER_EXPERIMENTS
 
 
 class Setup:

@@ -7,6 +7,22 @@ import orjson
 
 from armguard.detectors.summary import Summary
 
+# A 3-arm experiment with kill guardrails on errors and latency, a shadow guardrail and SRM: the
+# experiment the evaluate-stage tests (unit and integration) run against.
+RANKER_EXPERIMENTS = """
+experiments:
+  - id: ranker
+    control: control
+    arms: {control: 0.34, t1: 0.33, t2: 0.33}
+    alpha: 0.05
+    guardrails:
+      - {metric: error, test: proportion, harmful: increase, min_samples: 500, action: kill}
+      - {metric: latency_ms, test: mean, harmful: increase, margin: "2%", min_samples: 500, action: kill}
+      - {name: latency-shadow, metric: latency_ms, test: mean, harmful: increase, min_samples: 500,
+         action: kill, shadow: true}
+    srm: {alpha: 0.001, action: alert, min_samples: 1000}
+"""
+
 
 def summary_record(experiment, arms, *, t0, t1, offset_first, offset_last, partition=0):
     """One summaries-topic value: ``arms`` maps arm -> metric name -> values."""

@@ -10,22 +10,10 @@ from armguard.daemon import commands as cmds
 from armguard.daemon.engine import Engine
 from armguard.daemon.experiments import parse_experiments
 from armguard.detectors.summary import Summary
-from tests.support.summaries import regression_stream, summary_record
+from tests.support.summaries import RANKER_EXPERIMENTS, regression_stream, summary_record
 
 KEY = b"test-key"
-CONFIG = """
-experiments:
-  - id: ranker
-    control: control
-    arms: {control: 0.34, t1: 0.33, t2: 0.33}
-    alpha: 0.05
-    guardrails:
-      - {metric: error, test: proportion, harmful: increase, min_samples: 500, action: kill}
-      - {metric: latency_ms, test: mean, harmful: increase, margin: "2%", min_samples: 500, action: kill}
-      - {name: latency-shadow, metric: latency_ms, test: mean, harmful: increase, min_samples: 500,
-         action: kill, shadow: true}
-    srm: {alpha: 0.001, action: alert, min_samples: 1000}
-"""
+CONFIG = RANKER_EXPERIMENTS
 
 
 def stream(seed, **kw):
