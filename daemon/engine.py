@@ -30,13 +30,13 @@ import orjson
 
 from . import commands as cmds
 from .errors import CommandRejected
-from .events import DECISION_TYPE, KILLSWITCH_TYPE, cloud_event, event_id
+from .events import DECISION_TYPE, KILLSWITCH_TYPE, cloud_event
 from .experiments import ExperimentConfig, ExperimentsFile
 from .guardrails import ArmData, GuardrailRunner, SrmRunner, make_runners
 
 __all__ = ["Engine", "ExperimentState", "Output"]
 
-_SEVERITY = {"running": 0, "paused": 1, "killed": 2}
+SEVERITY = {"running": 0, "paused": 1, "killed": 2}
 _MAX_SEEN_COMMANDS = 1000
 
 
@@ -47,6 +47,7 @@ class Output:
     kind: str
     key: bytes
     value: bytes
+    outcome: str = ""  # the metric label: the action taken, or why a command was rejected
 
 
 def _ranges_add(ranges: dict[str, list[int]], key: str, first: int, last: int) -> None:
@@ -208,7 +209,8 @@ class Engine:
             "killswitch_events": 0,
             "decisions": 0,
         }
-        self.rejections: list[tuple[str, str]] = []  # (command, reason) since last drain
+        # (command, outcome) of every command since the edge last drained it, for metrics
+        self.command_outcomes: list[tuple[str, str]] = []
 
     # -- state management ---------------------------------------------------------------------
     def state_for(self, experiment: str) -> ExperimentState | None:
@@ -392,10 +394,10 @@ class Engine:
         if not shadow and action in ("pause", "kill"):
             target = "killed" if action == "kill" else "paused"
             if arm is None or arm == st.exp.control:
-                if _SEVERITY[target] > _SEVERITY[st.state]:
+                if SEVERITY[target] > SEVERITY[st.state]:
                     st.state = target
                     changed = True
-            elif _SEVERITY[target] > _SEVERITY[st.arm_states[arm]]:
+            elif SEVERITY[target] > SEVERITY[st.arm_states[arm]]:
                 st.arm_states[arm] = target
                 changed = True
         return self._publish(st, cause, decision, changed)
@@ -427,7 +429,7 @@ class Engine:
                 event_time=st.last_ts,
                 source=self.source,
             )
-            out.append(Output("killswitch", st.id.encode(), orjson.dumps(ev)))
+            out.append(Output("killswitch", st.id.encode(), orjson.dumps(ev), decision["action"]))
             self.counters["killswitch_events"] += 1
         audit = cloud_event(
             DECISION_TYPE,
@@ -448,7 +450,8 @@ class Engine:
             event_time=st.last_ts,
             source=self.source,
         )
-        out.append(Output("decisions", st.id.encode(), orjson.dumps(audit)))
+        outcome = f"shadow_{decision['action']}" if decision["shadow"] else decision["action"]
+        out.append(Output("decisions", st.id.encode(), orjson.dumps(audit), outcome))
         self.counters["decisions"] += 1
         return out
 
@@ -478,6 +481,7 @@ class Engine:
         except CommandRejected as exc:
             return self._reject(value, exc, topic, partition, offset, timestamp_s)
         self.counters["commands_applied"] += 1
+        self.command_outcomes.append((cmd.command, "applied"))
         st.seen_commands.append(cmd.id)
         del st.seen_commands[:-_MAX_SEEN_COMMANDS]
         operator = {
@@ -537,7 +541,8 @@ class Engine:
                 experiment = str(obj.get("experiment", ""))[:100]
         except orjson.JSONDecodeError:
             pass
-        self.rejections.append((command if command in cmds.COMMANDS else "unknown", exc.reason))
+        name = command if command in cmds.COMMANDS else "unknown"
+        self.command_outcomes.append((name, f"rejected_{exc.reason}"))
         audit = cloud_event(
             DECISION_TYPE,
             experiment or "unknown",
@@ -553,11 +558,9 @@ class Engine:
             event_time=timestamp_s,
             source=self.source,
         )
-        return [Output("decisions", (experiment or "unknown").encode(), orjson.dumps(audit))]
+        key = (experiment or "unknown").encode()
+        return [Output("decisions", key, orjson.dumps(audit), "command_rejected")]
 
     # -- read-only views for metrics and status -----------------------------------------------
     def experiment_ids(self) -> list[str]:
         return sorted(set(self.states) | set(self.pending))
-
-    def event_ids(self) -> str:
-        return event_id(*sorted(self.states))

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from .engine import Engine, Output
+from .engine import SEVERITY, Engine, Output
 from .errors import ConfigError, ConfigProblem
 from .experiments import ExperimentsFile
 from .health import Health
@@ -329,7 +329,6 @@ class EvaluateStage:
                 if key is not None and key in self.engine.states:
                     self._owner[key] = p
             else:
-                before = self.engine.counters["commands_applied"]
                 outputs.extend(
                     self.engine.apply_command(
                         rec.value,
@@ -339,12 +338,9 @@ class EvaluateStage:
                         timestamp_s=rec.timestamp / 1000.0,
                     )
                 )
-                if self.engine.counters["commands_applied"] > before:
-                    cmd = _command_name(rec.value)
-                    self.metrics.commands.labels(command=cmd, outcome="applied").inc()
-                for cmd, reason in self.engine.rejections:
-                    self.metrics.commands.labels(command=cmd, outcome=f"rejected_{reason}").inc()
-                self.engine.rejections.clear()
+                for cmd, outcome in self.engine.command_outcomes:
+                    self.metrics.commands.labels(command=cmd, outcome=outcome).inc()
+                self.engine.command_outcomes.clear()
                 for e in self.engine.dirty:
                     self._owner[e] = p
         outputs.extend(self.engine.snapshots())
@@ -383,12 +379,10 @@ class EvaluateStage:
         for o in outputs:
             if o.kind == "killswitch":
                 self.metrics.killswitch_events.labels(
-                    experiment=o.key.decode(), action=_action_of(o.value)
+                    experiment=o.key.decode(), action=o.outcome
                 ).inc()
             elif o.kind == "decisions":
-                self.metrics.decisions.labels(
-                    experiment=o.key.decode(), outcome=_decision_outcome(o.value)
-                ).inc()
+                self.metrics.decisions.labels(experiment=o.key.decode(), outcome=o.outcome).inc()
 
     async def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
         for tp in consumer.assignment():
@@ -440,34 +434,5 @@ class EvaluateStage:
 
 
 def _arm_effective(exp_state: str, arm_state: str | None) -> str:
-    order = {"running": 0, "paused": 1, "killed": 2}
     a = arm_state or "running"
-    return a if order[a] > order[exp_state] else exp_state
-
-
-def _command_name(value: bytes | None) -> str:
-    import orjson
-
-    try:
-        return str(orjson.loads(value or b"{}").get("command", "unknown"))
-    except (orjson.JSONDecodeError, AttributeError):
-        return "unknown"
-
-
-def _action_of(value: bytes) -> str:
-    import orjson
-
-    data = orjson.loads(value)["data"]
-    return str((data.get("decision") or {}).get("action", "unknown"))
-
-
-def _decision_outcome(value: bytes) -> str:
-    import orjson
-
-    data = orjson.loads(value)["data"]
-    if data.get("kind") == "command_rejected":
-        return "command_rejected"
-    d = data.get("decision") or {}
-    if d.get("shadow"):
-        return f"shadow_{d.get('action')}"
-    return str(d.get("action", "unknown"))
+    return a if SEVERITY[a] > SEVERITY[exp_state] else exp_state

@@ -221,12 +221,6 @@ class ExperimentConfig(_Model):
     def treatments(self) -> list[str]:
         return [a for a in self.arms if a != self.control]
 
-    @property
-    def family_size(self) -> int:
-        """Number of (treatment, sequential guardrail) pairs the experiment's alpha is split over."""
-        seq = sum(1 for g in self.guardrails if g.test in ("mean", "proportion"))
-        return max(1, seq * len(self.treatments))
-
     def summarised(self) -> tuple[set[str], set[str]]:
         """Metric and feature names ingest summarises for this experiment."""
         metrics = set(self.metrics)
