@@ -71,9 +71,8 @@ from armguard.daemon.engine import Engine
 from armguard.daemon.evaluate import EvaluateStage
 from armguard.daemon.experiments import ExperimentsFile, parse_experiments
 from armguard.daemon.health import Health
-from armguard.daemon.kafka import ensure_topics
+from armguard.daemon.kafka import ensure_topics, topic_partitions
 from armguard.daemon.metrics import Metrics
-from armguard.daemon.operator import topic_partitions
 from armguard.daemon.settings import Settings
 from armguard.daemon.simulate import (
     Bernoulli,

@@ -212,3 +212,39 @@ async def ensure_topics(
     if created:
         log.info("created topics %s", ", ".join(created))
     return created
+
+
+async def topic_partitions(consumer: Any, topic: str) -> list[int]:
+    """Partition numbers of ``topic``, fetching fresh metadata (a consumer only tracks the
+    topics it is assigned or subscribed to, so ``partitions_for_topic`` alone can say None)."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = cluster.partitions_for_topic(topic)
+    return sorted(parts or ())
+
+
+async def read_partition(
+    consumer: Any, topic: str, partition: int, start: int | None = None, stop: int | None = None
+) -> list[Any]:
+    """The records of one partition from ``start`` (default: the beginning) up to ``stop`` or
+    its end (the last stable offset for a read_committed consumer); [] if there is no such
+    partition. The consumer is assigned that one partition."""
+    from aiokafka import TopicPartition
+
+    if partition not in await topic_partitions(consumer, topic):
+        return []
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    if start is None:
+        await consumer.seek_to_beginning(tp)
+    else:
+        consumer.seek(tp, start)
+    end = (await consumer.end_offsets([tp]))[tp]
+    if stop is not None:
+        end = min(end, stop)
+    records: list[Any] = []
+    while await consumer.position(tp) < end:
+        batch = await consumer.getmany(tp, timeout_ms=1000, max_records=10_000)
+        records.extend(r for r in batch.get(tp, []) if r.offset < end)
+    return records

@@ -21,19 +21,9 @@ import orjson
 
 from . import commands as cmds
 from .errors import ConfigError, ConfigProblem, KafkaUnavailable
+from .kafka import read_partition, topic_partitions
 
-__all__ = ["add_parsers", "parse_duration", "topic_partitions"]
-
-
-async def topic_partitions(consumer: Any, topic: str) -> list[int]:
-    """Partition numbers of ``topic``, fetching fresh metadata (a consumer only tracks the
-    topics it is assigned or subscribed to, so ``partitions_for_topic`` alone can say None)."""
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        cluster = await consumer._client.fetch_all_metadata()
-        parts = cluster.partitions_for_topic(topic)
-    return sorted(parts or ())
-
+__all__ = ["add_parsers", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
@@ -344,7 +334,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 async def _read_state(settings: Any) -> dict[str, dict[str, Any]]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     from .kafka import kafka_options
 
@@ -359,24 +349,16 @@ async def _read_state(settings: Any) -> dict[str, dict[str, Any]]:
         ) from exc
     snaps: dict[str, dict[str, Any]] = {}
     try:
-        parts = await topic_partitions(reader, settings.topics.state)
-        tps = [TopicPartition(settings.topics.state, p) for p in parts]
-        if not tps:
-            return snaps
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
-        for tp in tps:
-            while await reader.position(tp) < ends[tp]:
-                batch = await reader.getmany(tp, timeout_ms=1000)
-                for rec in batch.get(tp, []):
-                    if rec.value is None:
-                        continue
-                    try:
-                        snap = orjson.loads(rec.value)
-                        snaps[snap["experiment"]] = snap
-                    except (orjson.JSONDecodeError, KeyError, TypeError):
-                        continue
+        topic = settings.topics.state
+        for p in await topic_partitions(reader, topic):
+            for rec in await read_partition(reader, topic, p):
+                if rec.value is None:
+                    continue
+                try:
+                    snap = orjson.loads(rec.value)
+                    snaps[snap["experiment"]] = snap
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue
     finally:
         await reader.stop()
     return snaps

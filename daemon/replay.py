@@ -33,7 +33,7 @@ import orjson
 from .contract import Contract, PartitionAccumulator, RawRecord
 from .engine import Engine, Output
 from .experiments import ExperimentsFile, load_experiments
-from .operator import topic_partitions
+from .kafka import read_partition, topic_partitions
 from .settings import Settings, load_settings
 
 __all__ = ["Replayer", "add_parser", "iter_jsonl"]
@@ -300,14 +300,14 @@ async def _from_kafka(
         if args.partition is not None:
             parts = [p for p in parts if p == args.partition]
         for p in parts:
-            records = await _read_range(reader, topic, p, args.start, args.end)
+            records = await read_partition(reader, topic, p, args.start, args.end)
             if args.summaries:
                 # Operator commands of the same partition are applied in timestamp order among
                 # the summaries, as the live evaluate stage orders them.
                 items = [(r.timestamp, topic, r.offset, r) for r in records]
                 items += [
                     (r.timestamp, settings.topics.commands, r.offset, r)
-                    for r in await _read_range(reader, settings.topics.commands, p, None, None)
+                    for r in await read_partition(reader, settings.topics.commands, p, None, None)
                 ]
                 items.sort(key=lambda it: it[:3])
                 for _ts, t, off, r in items:
@@ -334,27 +334,3 @@ async def _from_kafka(
     finally:
         await reader.stop()
     return events
-
-
-async def _read_range(
-    reader: Any, topic: str, p: int, start: int | None, stop: int | None
-) -> list[Any]:
-    """Records of one partition from ``start`` (default: beginning) up to ``stop`` or the end."""
-    from aiokafka import TopicPartition
-
-    tp = TopicPartition(topic, p)
-    if p not in await topic_partitions(reader, topic):
-        return []
-    reader.assign([tp])
-    if start is None:
-        await reader.seek_to_beginning(tp)
-    else:
-        reader.seek(tp, start)
-    end = (await reader.end_offsets([tp]))[tp]
-    if stop is not None:
-        end = min(end, stop)
-    records: list[Any] = []
-    while await reader.position(tp) < end:
-        batch = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
-        records.extend(r for r in batch.get(tp, []) if r.offset < end)
-    return records

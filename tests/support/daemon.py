@@ -16,7 +16,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from armguard.daemon.operator import topic_partitions
+from armguard.daemon.kafka import topic_partitions
 
 HMAC_KEY = "integration-test-key"
 
