@@ -256,6 +256,10 @@ class Contract:
                 arms[arm] = len(self._groups)
                 self._groups.append((e.id, arm))
             self._exps[e.id] = (arms, mr, fr)
+        # group id -> position of its experiment in _exp_ids (vectorised grouping at a flush)
+        self._exp_ids = [e.id for e in experiments.experiments]
+        index = {e: i for i, e in enumerate(self._exp_ids)}
+        self._group_exp = np.array([index[e] for e, _ in self._groups], dtype=np.int64)
         self.metric_names = tuple(sorted(metric_names))
         self.feature_names = tuple(sorted(feature_names))
 
@@ -549,10 +553,15 @@ class PartitionAccumulator:
             labels, starts, counts = _segments(gids)
             order = np.argsort(gids, kind="stable")
             ts_sorted = ts[order]
-            tmin = np.minimum.reduceat(ts_sorted, starts).tolist()
-            tmax = np.maximum.reduceat(ts_sorted, starts).tolist()
-            # One columnar summary per metric and feature; states are built per experiment
-            # and serialised right away, so the flush never holds every state at once.
+            tmin = np.minimum.reduceat(ts_sorted, starts)
+            tmax = np.maximum.reduceat(ts_sorted, starts)
+            # Group ids of one experiment are consecutive, so the arms of an experiment are
+            # adjacent in the ascending labels: experiment k covers labels[first[k]:end[k]].
+            exp_of = c._group_exp[labels]
+            first = np.flatnonzero(np.r_[True, exp_of[1:] != exp_of[:-1]])
+            end = np.r_[first[1:], labels.shape[0]]
+            # One columnar summary per metric and feature, and where each experiment's groups
+            # sit in it (every column's labels are a subset of labels, ascending).
             columns = []
             for section, cols in (("metrics", self._mcols), ("features", self._fcols)):
                 for name, (vals, grp) in cols.items():
@@ -563,50 +572,57 @@ class PartitionAccumulator:
                             relative_accuracy=ra,
                             numpy_counts=True,
                         )
-                        columns.append((section, name, gs, gs.labels.tolist()))
-            cursor = [0] * len(columns)
-            offsets = [
-                {
-                    "topic": self.topic,
-                    "partition": self.partition,
-                    "first": self.first_offset,
-                    "last": self.last_offset,
-                }
-            ]
-            source = {"topic": self.topic, "partition": self.partition}
-            groups = c._groups
+                        lo = gs.labels.searchsorted(labels[first]).tolist()
+                        hi = gs.labels.searchsorted(labels[end - 1], side="right").tolist()
+                        columns.append((section, name, gs, lo, hi))
+            head = {
+                "experiment": None,
+                "config_version": c.config_version,
+                "source": {"topic": self.topic, "partition": self.partition},
+                "offsets": [
+                    {
+                        "topic": self.topic,
+                        "partition": self.partition,
+                        "first": self.first_offset,
+                        "last": self.last_offset,
+                    }
+                ],
+            }
+            exp_ids = c._exp_ids
+            arm_names = [c._groups[g][1] for g in labels.tolist()]
+            label_list = labels.tolist()
+            count_list = counts.tolist()
+            span_min = np.minimum.reduceat(tmin, first).tolist()
+            span_max = np.maximum.reduceat(tmax, first).tolist()
+            mb = columns[0][2].max_bins if columns else _MAX_BINS
             dumps = orjson.dumps
             opt = orjson.OPT_SERIALIZE_NUMPY
-            # Group ids of one experiment are consecutive, so the arms of an experiment are
-            # adjacent in the ascending labels; every column's labels are a subset, ascending.
-            # Deterministic without sorting keys: arms in config order, names sorted.
-            current: dict[str, Any] | None = None
-            for j, (g, n) in enumerate(zip(labels.tolist(), counts.tolist(), strict=True)):
-                exp, arm = groups[g]
-                if current is None or current["experiment"] != exp:
-                    if current is not None:
-                        summaries.append(_encoded(current, dumps(current, option=opt)))
-                    current = {
-                        "v": 1,
-                        "experiment": exp,
-                        "config_version": c.config_version,
-                        "source": source,
-                        "offsets": offsets,
-                        "span": {"min_ts": tmin[j], "max_ts": tmax[j]},
-                        "arms": {},
-                    }
-                span = current["span"]
-                span["min_ts"] = min(span["min_ts"], tmin[j])
-                span["max_ts"] = max(span["max_ts"], tmax[j])
-                body: dict[str, Any] = {"count": n, "metrics": {}, "features": {}}
-                for k, (section, name, gs, glabels) in enumerate(columns):
-                    at = cursor[k]
-                    if at < len(glabels) and glabels[at] == g:
-                        body[section][name] = gs.state(at)
-                        cursor[k] = at + 1
-                current["arms"][arm] = body
-            assert current is not None
-            summaries.append(_encoded(current, dumps(current, option=opt)))
+            for k, (a, b, e) in enumerate(
+                zip(first.tolist(), end.tolist(), exp_of[first].tolist(), strict=True)
+            ):
+                rec: dict[str, Any] = {
+                    "v": 2,
+                    **head,
+                    "experiment": exp_ids[e],
+                    "span": {"min_ts": span_min[k], "max_ts": span_max[k]},
+                    "ra": ra,
+                    "mb": mb,
+                    "arms": arm_names[a:b],
+                    "count": count_list[a:b],
+                }
+                for section, name, gs, lo, hi in columns:
+                    i, j = lo[k], hi[k]
+                    if i == j:
+                        continue
+                    blk = gs.block(i, j)
+                    if blk is None:  # an arm's histogram collapsed: not columnar
+                        rec = self._v1_record(rec, label_list[a:b], count_list[a:b], columns, k)
+                        break
+                    if j - i != b - a:
+                        mine = label_list[a:b]
+                        blk["rows"] = [mine.index(g) for g in gs.labels[i:j].tolist()]
+                    rec.setdefault(section, {})[name] = blk
+                summaries.append(_encoded(rec, dumps(rec, option=opt)))
             summaries.sort(key=lambda kv: kv[0])
         assert self.first_offset is not None and self.last_offset is not None
         out = Flush(
@@ -623,6 +639,22 @@ class PartitionAccumulator:
         self._reset()
         return out
 
+    @staticmethod
+    def _v1_record(
+        rec: dict[str, Any], groups: list[int], counts: list[int], columns: list[Any], k: int
+    ) -> dict[str, Any]:
+        """The version-1 form of one experiment's record (per arm, one state per name)."""
+        arms = {}
+        for g, arm, n in zip(groups, rec["arms"], counts, strict=True):
+            body: dict[str, Any] = {"count": n, "metrics": {}, "features": {}}
+            for section, name, gs, lo, hi in columns:
+                at = gs.labels[lo[k] : hi[k]].searchsorted(g)
+                if lo[k] + at < hi[k] and int(gs.labels[lo[k] + at]) == g:
+                    body[section][name] = gs.state(lo[k] + int(at))
+            arms[arm] = body
+        keep = ("experiment", "config_version", "source", "offsets", "span")
+        return {"v": 1, **{key: rec[key] for key in keep}, "arms": arms}
+
     def discard(self) -> None:
         """Drop what was folded since the last drain (its transaction was aborted); the caller
         rewinds the consumer to the returned offset, from which :meth:`fold` accepts records
@@ -631,6 +663,9 @@ class PartitionAccumulator:
         self._reset()
         if first is not None:
             self.next_offset = first
+
+
+_MAX_BINS = 2048  # the histograms' default bound, written when a record has no histogram
 
 
 def _encoded(record: dict[str, Any], value: bytes) -> tuple[bytes, bytes]:

@@ -33,6 +33,7 @@ from .errors import CommandRejected
 from .events import DECISION_TYPE, KILLSWITCH_TYPE, cloud_event
 from .experiments import ExperimentConfig, ExperimentsFile
 from .guardrails import ArmData, GuardrailRunner, SrmRunner, make_runners
+from .summary_record import arm_states
 
 __all__ = ["Engine", "ExperimentState", "Output"]
 
@@ -285,11 +286,11 @@ class Engine:
         try:
             rec = orjson.loads(value)
             experiment = rec["experiment"]
-            arms = rec["arms"]
+            arms = arm_states(rec)
             span = rec.get("span") or {}
-            if not isinstance(arms, dict) or not isinstance(experiment, str):
+            if not isinstance(experiment, str):
                 raise TypeError("bad shape")
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             self.counters["summaries_invalid"] += 1
             return []
         st = self.state_for(experiment)

@@ -169,6 +169,8 @@ class GroupSummaries:
         if not n_groups:
             self._cols: tuple[list[Any], ...] = ()
             self._pos = self._neg = None
+            self._stores: tuple[_Stores | None, _Stores | None] = (None, None)
+            self._block_cols = None
             self._wide: dict[int, dict[str, Any]] = {}
             return
         sums = np.add.reduceat(v, starts)
@@ -194,6 +196,8 @@ class GroupSummaries:
         )
         self._pos = None if p is None else p.columns(numpy_counts)
         self._neg = None if n is None else n.columns(numpy_counts)
+        self._stores = (p, n)
+        self._block_cols: tuple[Any, ...] | None = None
         self._wide = {}
         wide = [s.wide for s in (p, n) if s is not None]
         for j in np.flatnonzero(np.logical_or.reduce(wide)).tolist() if wide else ():
@@ -205,11 +209,61 @@ class GroupSummaries:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def max_bins(self) -> int:
+        """The histograms' bound on buckets per store."""
+        return self._mb
+
     def index(self, label: int) -> int:
         """Position of a group label in :attr:`labels` (``KeyError`` if it has no values)."""
         if self._index is None:
             self._index = {g: j for j, g in enumerate(self.labels.tolist())}
         return self._index[label]
+
+    def block(self, a: int, b: int) -> dict[str, Any] | None:
+        """The groups at positions ``a .. b - 1`` as one columnar block of a version-2 summary
+        record (see :mod:`armguard.daemon.summary_record`), or ``None`` if one of them spans
+        more than ``max_bins`` keys (its collapsed store needs a full ``state``).
+
+        Every column is a plain list, one entry per group: ``count``, ``sum``, ``m2``, ``min``,
+        ``max``, ``zero`` (values in the zero bucket); ``pos`` and ``neg`` (only when some
+        group has values of that sign) are ``[nonzero, keys, counts]``: per group the number of
+        non-empty buckets, then their keys and counts concatenated group after group. The mean
+        is not written: it is exactly ``sum / count`` here.
+        """
+        if self._wide and any(a <= j < b for j in self._wide):
+            return None
+        cols = self._block_cols
+        if cols is None:
+            cols = self._block_cols = tuple(
+                None
+                if st is None
+                else (
+                    st.starts.tolist(),
+                    st.nnz.tolist(),
+                    st.pair_keys.tolist(),
+                    st.pair_counts.tolist(),
+                )
+                for st in self._stores
+            )
+        counts, sums, _, m2s, mins, maxs, zeros = self._cols
+        out: dict[str, Any] = {
+            "count": counts[a:b],
+            "sum": sums[a:b],
+            "m2": m2s[a:b],
+            "min": mins[a:b],
+            "max": maxs[a:b],
+            "zero": zeros[a:b],
+        }
+        for name, col in zip(("pos", "neg"), cols, strict=True):
+            if col is None:
+                continue
+            starts, nnz, keys, pcounts = col
+            lo = starts[a]
+            hi = starts[b - 1] + nnz[b - 1]
+            if hi > lo:
+                out[name] = [nnz[a:b], keys[lo:hi], pcounts[lo:hi]]
+        return out
 
     def state(self, j: int) -> dict[str, Any]:
         """The ``Summary.to_state()`` dict of the group at position ``j``."""

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from armguard.daemon.contract import Contract, PartitionAccumulator
 from armguard.daemon.experiments import ExperimentsFile, parse_experiments
+from armguard.daemon.summary_record import arm_states
 from armguard.detectors.summary import Summary
 
 EXPERIMENTS_YAML = """
@@ -206,7 +207,7 @@ def merge_summaries(values: list[bytes]) -> dict[tuple[str, str], dict[str, Any]
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for raw in values:
         rec = orjson.loads(raw)
-        for arm, body in rec["arms"].items():
+        for arm, body in arm_states(rec).items():
             m = merged.setdefault(
                 (rec["experiment"], arm), {"count": 0, "metrics": {}, "features": {}}
             )

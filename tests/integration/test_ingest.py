@@ -144,7 +144,7 @@ async def test_mixed_telemetry_reconciles_and_summaries_equal_one_pass(
         assert_same_summaries(got, reference(contract, topic, by_partition))
         assert_offsets_tile([r.value for r in out], ends, topic)
         first = orjson.loads(out[0].value)
-        assert first["v"] == 1 and first["config_version"] == contract.config_version
+        assert first["v"] == 2 and first["config_version"] == contract.config_version
         assert first["source"]["topic"] == topic
         assert first["span"]["min_ts"] <= first["span"]["max_ts"] <= now
     finally:

@@ -24,6 +24,7 @@ from armguard.daemon.contract import (
 from armguard.daemon.experiments import parse_experiments
 from armguard.daemon.settings import IngestSettings
 from armguard.daemon.summarise import _distinct_pairs, summarise_groups
+from armguard.daemon.summary_record import arm_states
 from armguard.detectors.summary import Summary
 
 NOW = 1_764_300_000.0
@@ -192,7 +193,7 @@ def test_a_record_is_folded_whole_or_not_at_all(contract):
     flush = acc.drain()
     assert flush.consumed == 3 and flush.summarised == 1
     assert flush.deadlettered == {"out_of_range": 2}
-    body = orjson.loads(flush.summaries[0][1])["arms"]["control"]
+    body = arm_states(orjson.loads(flush.summaries[0][1]))["control"]
     assert body["count"] == 1
     assert Summary.from_state(body["metrics"]["latency_ms"]).sum == 9
     assert Summary.from_state(body["metrics"]["error"]).count == 1
@@ -242,15 +243,16 @@ def test_flush_record_format(contract):
     assert flush.skipped == {"unknown_experiment": 1}
     assert flush.consumed == 5 == flush.summarised + sum(flush.deadlettered.values()) + 1
     doc = orjson.loads(flush.summaries[1][1])
-    assert doc["v"] == 1 and doc["experiment"] == "ranker-v2"
+    assert doc["v"] == 2 and doc["experiment"] == "ranker-v2"
     assert doc["config_version"] == EXPERIMENTS.version
     assert doc["source"] == {"topic": "telemetry", "partition": 4}
     assert doc["offsets"] == [{"topic": "telemetry", "partition": 4, "first": 100, "last": 104}]
     assert doc["span"] == {"min_ts": NOW - 5, "max_ts": NOW - 2}
-    assert set(doc["arms"]) == {"control", "treatment"}
-    assert doc["arms"]["treatment"]["count"] == 1
-    assert set(doc["arms"]["control"]["metrics"]) == {"latency_ms"}
-    assert doc["arms"]["control"]["features"] == {}
+    arms = arm_states(doc)
+    assert set(arms) == {"control", "treatment"}
+    assert arms["treatment"]["count"] == 1
+    assert set(arms["control"]["metrics"]) == {"latency_ms"}
+    assert arms["control"]["features"] == {}
     # Deterministic: the same input gives the same bytes.
     again = fold_all(
         contract, "telemetry", 4, [RawRecord(100 + i, v) for i, v in enumerate(values)], now=NOW
@@ -366,7 +368,7 @@ def test_fuzz_batches_reconcile_and_agree_with_decode(contract, values):
     assert flush.skipped == ({"unknown_experiment": skipped} if skipped else {})
     counts = 0
     for _, raw in flush.summaries:
-        for body in orjson.loads(raw)["arms"].values():
+        for body in arm_states(orjson.loads(raw)).values():
             counts += body["count"]
             for state in (*body["metrics"].values(), *body["features"].values()):
                 Summary.from_state(state)

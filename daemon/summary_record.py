@@ -1,0 +1,150 @@
+"""The summary record: what ingest writes to ``armguard.summaries``, one per experiment and flush.
+
+Key: the experiment id (UTF-8). Value: JSON. Every version carries
+
+* ``experiment``, ``config_version`` (hash of the experiments file the contract came from);
+* ``source`` ``{"topic", "partition"}`` and ``offsets`` ``[{"topic", "partition", "first",
+  "last"}]``: the input partition and the offset range the record covers;
+* ``span`` ``{"min_ts", "max_ts"}``: the event-time span of its records (seconds).
+
+**Version 2** (written since the columnar flush) holds the arms in columns, so a flush of
+10,000 experiments builds ~30,000 small blocks instead of ~100,000 per-arm summary states:
+
+.. code-block:: text
+
+    "v": 2, "ra": 0.01, "mb": 2048,               # histogram relative accuracy and max bins
+    "arms": ["control", "treatment"],             # arms with records in this flush
+    "count": [523, 498],                          # their record counts (SRM counts these)
+    "metrics": {"latency_ms": BLOCK, ...}, "features": {...}   # either may be absent
+    BLOCK = {"rows": [0, 1],                      # which arms (index in "arms"); absent = all
+             "count": [...], "sum": [...], "m2": [...], "min": [...], "max": [...],
+             "zero": [...],                       # values in the histogram's zero bucket
+             "pos": [nonzero, keys, counts],      # positive magnitudes' log buckets: per row
+             "neg": [nonzero, keys, counts]}      # the number of non-empty buckets, then the
+                                                  # keys and counts of all rows concatenated
+                                                  # ("pos"/"neg" absent: no value of that sign)
+
+Each row is exactly the :class:`~armguard.detectors.summary.Summary` whose state is
+``{"v": 1, "n": count, "sum": sum, "mean": sum / count, "m2": m2, "min": min, "max": max,
+"h": {"ra": ra, "mb": mb, "p": [keys, counts], "n": [keys, counts], "z": zero}}`` (the mean of
+an ingest summary is computed as ``sum / count``, so it is not written).
+
+**Version 1** (still read: records already on the topic) holds one ``Summary.to_state()`` per
+arm and name: ``"arms": {"control": {"count": 523, "metrics": {"latency_ms": <state>},
+"features": {...}}}``. Ingest writes it for an experiment one of whose arms spans more than
+``max_bins`` histogram keys (its collapsed store is not columnar).
+
+:func:`arm_states` reads either into the version-1 per-arm form the evaluate stage merges.
+
+Examples
+--------
+>>> rec = {"v": 2, "experiment": "e", "ra": 0.01, "mb": 2048, "arms": ["control", "t"],
+...        "count": [2, 1], "metrics": {"latency_ms": {"rows": [0], "count": [2],
+...        "sum": [3.0], "m2": [0.5], "min": [1.0], "max": [2.0], "zero": [0],
+...        "pos": [[2], [0, 35], [1, 1]]}}}
+>>> arms = arm_states(rec)
+>>> arms["t"]
+{'count': 1, 'metrics': {}, 'features': {}}
+>>> st = arms["control"]["metrics"]["latency_ms"]
+>>> st["mean"], st["h"]["p"]
+(1.5, [[0, 35], [1, 1]])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["arm_states"]
+
+_EMPTY_STORE: list[Any] = [0, []]
+
+
+def arm_states(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per arm ``{"count", "metrics": {name: Summary state}, "features": {...}}`` of a summary
+    record of either version.
+
+    Raises ``ValueError``, ``TypeError`` or ``KeyError`` on a record of another shape (a
+    malformed version-2 record always raises ``ValueError``).
+    """
+    version = rec.get("v", 1)
+    if version == 1:
+        arms = rec["arms"]
+        if not isinstance(arms, dict):
+            raise TypeError("a version-1 summary record's arms must be an object")
+        return arms
+    if version != 2:
+        raise ValueError(f"unknown summary record version {version!r}")
+    try:
+        return _decode(rec)
+    except (AttributeError, IndexError, TypeError, ZeroDivisionError) as exc:
+        raise ValueError(f"malformed version-2 summary record: {exc!r}") from None
+
+
+def _decode(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    names = rec["arms"]
+    counts = rec["count"]
+    if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts):
+        raise TypeError("a version-2 summary record needs lists arms and count of one length")
+    ra = rec["ra"]
+    mb = rec["mb"]
+    out: dict[str, dict[str, Any]] = {
+        arm: {"count": int(n), "metrics": {}, "features": {}}
+        for arm, n in zip(names, counts, strict=True)
+    }
+    for section in ("metrics", "features"):
+        for name, blk in (rec.get(section) or {}).items():
+            _decode_block(blk, names, ra, mb, out, section, name)
+    return out
+
+
+def _decode_block(
+    blk: dict[str, Any],
+    names: list[str],
+    ra: float,
+    mb: int,
+    out: dict[str, dict[str, Any]],
+    section: str,
+    name: str,
+) -> None:
+    rows = blk.get("rows")
+    if rows is None:
+        rows = range(len(names))
+    n = blk["count"]
+    sums, m2s, mins, maxs, zeros = blk["sum"], blk["m2"], blk["min"], blk["max"], blk["zero"]
+    k = len(rows)
+    if not len(n) == len(sums) == len(m2s) == len(mins) == len(maxs) == len(zeros) == k:
+        raise ValueError(f"{section}.{name}: columns of different lengths")
+    pos = _stores(blk.get("pos"), k)
+    neg = _stores(blk.get("neg"), k)
+    for r, arm in enumerate(rows):
+        count = n[r]
+        if not isinstance(count, int) or count <= 0:
+            raise ValueError(f"{section}.{name}: a row's count must be a positive integer")
+        out[names[arm]][section][name] = {
+            "v": 1,
+            "n": count,
+            "sum": sums[r],
+            "mean": sums[r] / count,
+            "m2": m2s[r],
+            "min": mins[r],
+            "max": maxs[r],
+            "h": {"ra": ra, "mb": mb, "p": pos[r], "n": neg[r], "z": zeros[r]},
+        }
+
+
+def _stores(col: Any, rows: int) -> list[list[Any]]:
+    """Per row the sparse store ``[keys, counts]`` (``[0, []]`` when empty)."""
+    if col is None:
+        return [_EMPTY_STORE] * rows
+    nonzero, keys, counts = col
+    if len(nonzero) != rows or len(keys) != len(counts) or sum(nonzero) != len(keys):
+        raise ValueError("a histogram column's lengths do not add up")
+    out = []
+    at = 0
+    for m in nonzero:
+        if m:
+            out.append([keys[at : at + m], counts[at : at + m]])
+            at += m
+        else:
+            out.append(_EMPTY_STORE)
+    return out

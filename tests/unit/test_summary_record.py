@@ -1,0 +1,220 @@
+"""The summary record's columnar version 2 carries exactly the summaries of version 1."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from armguard.daemon.contract import Contract, PartitionAccumulator, RawRecord
+from armguard.daemon.engine import Engine
+from armguard.daemon.experiments import parse_experiments
+from armguard.daemon.settings import IngestSettings
+from armguard.daemon.summarise import GroupSummaries
+from armguard.daemon.summary_record import arm_states
+from armguard.detectors.summary import Summary
+
+NOW = 1_764_300_000.0
+
+EXPERIMENTS = parse_experiments(
+    """
+experiments:
+  - id: a
+    control: control
+    arms: {control: 0.25, t1: 0.25, t2: 0.25, t3: 0.25}
+    metrics:
+      latency_ms: {min: 0, max: 600000}
+      delta: {min: -1.0e40, max: 1.0e40}
+    features:
+      score: {min: -100, max: 100}
+  - id: b
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    metrics:
+      latency_ms: {min: 0, max: 600000}
+""",
+    where="test.yaml",
+)
+
+
+def _same_summary(got: dict, want: dict) -> None:
+    """Two Summary states describe the same summary, bit for bit (encodings may differ)."""
+    assert got["n"] == want["n"]
+    for key in ("sum", "mean", "m2", "min", "max"):
+        assert got[key] == want[key], key  # exact: no tolerance
+    g, w = Summary.from_state(got), Summary.from_state(want)
+    assert g.histogram == w.histogram
+    assert g == w
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(
+            st.integers(0, 7),
+            st.one_of(
+                st.floats(-1e6, 1e6, allow_nan=False),
+                st.sampled_from([0.0, 1.0, -1.0, 1e-300]),
+            ),
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+    cut=st.tuples(st.integers(0, 7), st.integers(1, 8)),
+)
+def test_a_block_decodes_to_the_states_of_its_groups(data, cut):
+    groups = np.array([g for g, _ in data], dtype=np.int64)
+    values = np.array([v for _, v in data])
+    gs = GroupSummaries(values, groups, numpy_counts=True)
+    a = min(cut[0], len(gs) - 1)
+    b = min(max(a + 1, cut[1]), len(gs))
+    blk = gs.block(a, b)
+    if blk is None:  # a group spans more than max_bins keys: only a full state holds it
+        assert any(j in gs._wide for j in range(a, b))
+        return
+    names = [f"arm{j}" for j in range(a, b)]
+    rec = {"v": 2, "ra": 0.01, "mb": 2048, "arms": names, "count": [1] * len(names)}
+    rec["metrics"] = {"x": orjson.loads(orjson.dumps(blk))}  # through JSON, as on the topic
+    arms = arm_states(rec)
+    for j, name in zip(range(a, b), names, strict=True):
+        want = orjson.loads(orjson.dumps(gs.state(j), option=orjson.OPT_SERIALIZE_NUMPY))
+        _same_summary(arms[name]["metrics"]["x"], want)
+
+
+def _flush(records: list[bytes]):
+    acc = PartitionAccumulator(Contract(EXPERIMENTS, IngestSettings()), "telemetry", 0)
+    acc.fold([RawRecord(i, v) for i, v in enumerate(records)], now=NOW)
+    return acc.drain()
+
+
+def _rec(exp: str, arm: str, metrics: dict, features: dict | None = None) -> bytes:
+    body = {"experiment": exp, "arm": arm, "ts": NOW - 1, "metrics": metrics}
+    if features:
+        body["features"] = features
+    return orjson.dumps(body)
+
+
+def test_flush_writes_columnar_records_equal_to_summaries_of_the_values():
+    rng = np.random.default_rng(7)
+    raw, expected = [], {}
+    for _ in range(2_000):
+        exp = "a" if rng.random() < 0.7 else "b"
+        arm = (
+            ["control", "t1", "t2", "t3"][rng.integers(4)]
+            if exp == "a"
+            else ["control", "treatment"][rng.integers(2)]
+        )
+        metrics = {"latency_ms": float(np.round(rng.gamma(2, 50), 2))}
+        features = None
+        if exp == "a" and arm != "t3":  # t3 never carries delta nor score: a block with rows
+            metrics["delta"] = float(rng.normal()) if rng.random() < 0.9 else 0.0
+            features = {"score": int(rng.integers(-100, 101))}
+        raw.append(_rec(exp, arm, metrics, features))
+        for section, d in (("metrics", metrics), ("features", features or {})):
+            for name, v in d.items():
+                expected.setdefault((exp, arm, section, name), []).append(v)
+    flush = _flush(raw)
+    docs = {k.decode(): orjson.loads(v) for k, v in flush.summaries}
+    assert set(docs) == {"a", "b"} and all(d["v"] == 2 for d in docs.values())
+    assert docs["a"]["metrics"]["delta"]["rows"] == [0, 1, 2]  # arms control, t1, t2 of 4
+    assert "rows" not in docs["a"]["metrics"]["latency_ms"]
+    seen = 0
+    for exp, doc in docs.items():
+        for arm, body in arm_states(doc).items():
+            for section in ("metrics", "features"):
+                for name, state in body[section].items():
+                    values = np.array(expected[(exp, arm, section, name)], dtype=np.float64)
+                    ref = Summary.from_values(values)
+                    got = Summary.from_state(state)
+                    assert got.count == ref.count and got.histogram == ref.histogram
+                    assert (got.min, got.max) == (ref.min, ref.max)
+                    assert math.isclose(got.mean, ref.mean, rel_tol=1e-12, abs_tol=1e-12)
+                    assert math.isclose(got.m2, ref.m2, rel_tol=1e-9, abs_tol=1e-9)
+                    seen += 1
+    assert seen == len(expected)
+
+
+def test_an_experiment_with_a_collapsed_histogram_is_written_as_version_1():
+    # delta spans 1e-30 .. 1e30: more than max_bins keys, so its store collapses.
+    raw = [
+        _rec("a", "control", {"latency_ms": 5.0, "delta": 1e-30}),
+        _rec("a", "control", {"latency_ms": 6.0, "delta": 1e30}),
+        _rec("a", "t1", {"latency_ms": 7.0, "delta": 2.0}),
+        _rec("b", "treatment", {"latency_ms": 8.0}),
+    ]
+    docs = {k.decode(): orjson.loads(v) for k, v in _flush(raw).summaries}
+    assert docs["a"]["v"] == 1 and docs["b"]["v"] == 2
+    arms = arm_states(docs["a"])
+    assert arms["control"]["count"] == 2 and arms["t1"]["count"] == 1
+    delta = Summary.from_state(arms["control"]["metrics"]["delta"])
+    ref = Summary.from_values(np.array([1e-30, 1e30]))
+    assert delta.histogram == ref.histogram and delta.count == 2
+    assert Summary.from_state(arms["t1"]["metrics"]["delta"]).max == 2.0
+    for key in ("span", "offsets", "source", "config_version"):
+        assert docs["a"][key] == docs["b"][key] or key == "span"
+
+
+GOOD = {
+    "v": 2,
+    "experiment": "b",
+    "ra": 0.01,
+    "mb": 2048,
+    "arms": ["control"],
+    "count": [1],
+    "metrics": {
+        "latency_ms": {
+            "count": [1],
+            "sum": [2.0],
+            "m2": [0.0],
+            "min": [2.0],
+            "max": [2.0],
+            "zero": [0],
+            "pos": [[1], [35], [1]],
+        }
+    },
+}
+
+
+def _bad(path: tuple, value) -> dict:
+    doc = orjson.loads(orjson.dumps(GOOD))
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return doc
+
+
+BAD = [
+    _bad(("v",), 3),
+    _bad(("arms",), "control"),
+    _bad(("count",), [1, 2]),
+    _bad(("metrics", "latency_ms", "rows"), [4]),
+    _bad(("metrics", "latency_ms", "count"), [0]),
+    _bad(("metrics", "latency_ms", "count"), [1.5]),
+    _bad(("metrics", "latency_ms", "sum"), []),
+    _bad(("metrics", "latency_ms", "pos"), [[2], [35], [1]]),
+    _bad(("metrics", "latency_ms", "pos"), 7),
+    _bad(("metrics", "latency_ms"), []),
+    _bad(("metrics",), [1]),
+]
+
+
+@pytest.mark.parametrize("doc", BAD)
+def test_malformed_version_2_records_raise_value_error(doc):
+    with pytest.raises(ValueError):
+        arm_states(doc)
+
+
+def test_the_engine_counts_malformed_records_and_merges_good_ones():
+    engine = Engine(EXPERIMENTS)
+    for i, doc in enumerate(BAD):
+        assert engine.apply_summary(orjson.dumps(doc), topic="s", partition=0, offset=i) == []
+    assert engine.counters["summaries_invalid"] == len(BAD)
+    engine.apply_summary(orjson.dumps(GOOD), topic="s", partition=0, offset=99)
+    assert engine.counters["summaries"] == 1
+    st = engine.state_for("b")
+    assert st is not None and st.arms["control"].metrics["latency_ms"].sum == 2.0
