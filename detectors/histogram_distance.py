@@ -42,6 +42,7 @@ import numpy as np
 
 from ._calibration import KOLMOGOROV_MEAN, check_run_length, chi2_isf, kolmogorov_isf
 from ._edge import _EdgeAlarm
+from .summary import LogHistogram
 
 DISTANCES = ("psi", "js", "ks", "wasserstein")
 
@@ -109,7 +110,11 @@ class _Pair:
 
     __slots__ = ("_coarse", "_gap", "cp", "cq", "m", "n", "upper")
 
-    def __init__(self, upper: np.ndarray, cp: np.ndarray, cq: np.ndarray) -> None:
+    # Whether the buckets may include ones empty in both (a key-aligned pair): the merged bins
+    # then skip a group by its counts instead of by its position (see _coarsen).
+    dense = False
+
+    def __init__(self, upper: np.ndarray | None, cp: np.ndarray, cq: np.ndarray) -> None:
         self.upper = upper
         self.cp = cp
         self.cq = cq
@@ -135,6 +140,10 @@ class _Pair:
             self._coarse = _coarsen(self, min_expected, max_bins)
         return self._coarse
 
+    def fine(self) -> _Pair:
+        """The pair on the buckets either histogram lists, with their upper edges."""
+        return self
+
 
 def _pair(a: tuple, b: tuple) -> _Pair:
     """Align two ``(lower, upper, counts)`` histograms on the union of their upper edges."""
@@ -152,6 +161,132 @@ def _pair(a: tuple, b: tuple) -> _Pair:
     p[1:][upper.searchsorted(ua)] = ca
     q[1:][upper.searchsorted(ub)] = cb
     return _Pair(upper, np.add.accumulate(p), np.add.accumulate(q))
+
+
+class _KeyPair(_Pair):
+    """Two LogHistograms of the same relative accuracy aligned by integer bucket key (private).
+
+    The buckets are every key of a dense layout (see :func:`_key_layout`), so some are empty
+    in both histograms. Such buckets change no CDF value, no maximum CDF gap and no merged bin
+    (a merged bin never starts at an empty bucket), so KS, PSI and JS read the dense layout
+    directly; Wasserstein sums over gaps between edges, so :meth:`fine` drops the empty
+    buckets and computes the edges of the rest, bit for bit those of ``LogHistogram.bins()``.
+    """
+
+    __slots__ = ("_layout",)
+    dense = True
+
+    def __init__(self, cp: np.ndarray, cq: np.ndarray, layout: tuple) -> None:
+        super().__init__(None, cp, cq)
+        self._layout = layout
+
+    def fine(self) -> _Pair:
+        cp, cq = self.cp, self.cq
+        pooled = cp + cq
+        idx = np.flatnonzero(pooled[1:] > pooled[:-1])
+        take = np.empty(idx.shape[0] + 1, dtype=np.intp)
+        take[0] = 0
+        np.add(idx, 1, out=take[1:])
+        return _Pair(_layout_edges(idx, *self._layout), cp[take], cq[take])
+
+
+def _layout_edges(idx: np.ndarray, ln: int, nhi: int, plo: int, log_gamma: float) -> np.ndarray:
+    """Upper edges of the dense-layout positions ``idx`` (ascending), as ``bins()`` has them."""
+    i0 = int(idx.searchsorted(ln))
+    i1 = int(idx.searchsorted(ln, side="right"))
+    upper = np.zeros(idx.shape[0])
+    if i0:  # negative buckets: the magnitude's lower edge, negated
+        kf = (nhi - 1 - idx[:i0]).astype(np.float64)
+        upper[:i0] = -np.exp((kf - 1.0) * log_gamma)
+    if i1 < idx.shape[0]:
+        kf = (idx[i1:] + (plo - ln - 1)).astype(np.float64)
+        upper[i1:] = np.exp(kf * log_gamma)
+    return upper
+
+
+def _key_layout(ha: Any, hb: Any) -> tuple | None:
+    """Where the buckets of two LogHistograms go on one dense layout of positions.
+
+    The layout runs over every negative key either lists (largest magnitude first, so the
+    positions ascend by value), then the zero bucket, then every positive key either lists.
+    Returns ``(size, ln, nhi, plo, stores_a, stores_b)`` or None when the layout would be much
+    wider than the buckets it holds (values of very different magnitudes).
+    """
+    sa = ha.stores()
+    sb = hb.stores()
+    nlo = plo = 0
+    nhi = phi = 0
+    first = True
+    for off, counts in ((sa[0], sa[1]), (sb[0], sb[1])):
+        if counts.shape[0]:
+            end = off + counts.shape[0]
+            if first:
+                nlo, nhi, first = off, end, False
+            else:
+                nlo, nhi = min(nlo, off), max(nhi, end)
+    first = True
+    for off, counts in ((sa[3], sa[4]), (sb[3], sb[4])):
+        if counts.shape[0]:
+            end = off + counts.shape[0]
+            if first:
+                plo, phi, first = off, end, False
+            else:
+                plo, phi = min(plo, off), max(phi, end)
+    ln = nhi - nlo
+    size = ln + 1 + phi - plo
+    held = sa[1].shape[0] + sa[4].shape[0] + sb[1].shape[0] + sb[4].shape[0]
+    if size > 4 * held + 1024:
+        return None
+    return size, ln, nhi, plo, sa, sb
+
+
+def _fill(out: np.ndarray, stores: tuple, ln: int, nhi: int, plo: int) -> None:
+    """Write one histogram's counts at their layout positions plus one (out[0] stays 0)."""
+    n_off, n_counts, zero, p_off, p_counts = stores
+    k = n_counts.shape[0]
+    if k:
+        start = nhi - n_off - k + 1
+        out[start : start + k] = n_counts[::-1]
+    out[ln + 1] = zero
+    k = p_counts.shape[0]
+    if k:
+        start = ln + 2 + p_off - plo
+        out[start : start + k] = p_counts
+
+
+def _key_pair(ha: Any, hb: Any) -> _Pair:
+    """Align two LogHistograms of the same relative accuracy by bucket key."""
+    layout = _key_layout(ha, hb)
+    if layout is None:
+        return _pair(ha.bins(), hb.bins())
+    size, ln, nhi, plo, sa, sb = layout
+    p = np.zeros(size + 1)
+    q = np.zeros(size + 1)
+    _fill(p, sa, ln, nhi, plo)
+    _fill(q, sb, ln, nhi, plo)
+    np.add.accumulate(p, out=p)
+    np.add.accumulate(q, out=q)
+    return _KeyPair(p, q, (ln, nhi, plo, math.log(ha.gamma)))
+
+
+def _histogram_of(obj: Any) -> LogHistogram | None:
+    h = getattr(obj, "histogram", obj)
+    return h if isinstance(h, LogHistogram) else None
+
+
+def align(a: Any, b: Any) -> _Pair:
+    """Align two histograms (Summaries, LogHistograms or bins tuples) on their buckets.
+
+    Two LogHistograms with the same relative accuracy are aligned by integer bucket key, without
+    computing edges; anything else by the union of the upper edges of their ``bins()``. Both
+    give the same CDFs, merged bins and distances.
+    """
+    ha = _histogram_of(a)
+    if ha is not None:
+        hb = _histogram_of(b)
+        if hb is not None and hb.relative_accuracy == ha.relative_accuracy:
+            return _key_pair(ha, hb)
+    return _pair(as_bins(a), as_bins(b))
 
 
 def _coarsen(pair: _Pair, min_expected: float, max_bins: int) -> tuple[list[float], list[float]]:
@@ -174,11 +309,23 @@ def _coarsen(pair: _Pair, min_expected: float, max_bins: int) -> tuple[list[floa
     at_q = pair.cq[starts].tolist()
     cps, cqs = [], []
     prev, pp, qq = 0, 0.0, 0.0
-    for s, x, y in zip(starts.tolist(), at_p, at_q, strict=True):
-        if s > prev:  # a group with no bucket (a bucket spanning several steps) is skipped
-            cps.append(x - pp)
-            cqs.append(y - qq)
-            prev, pp, qq = s, x, y
+    if pair.dense:
+        # Starts are non-empty buckets (an empty one has the pooled count of the one before),
+        # but the first non-empty bucket need not be at position 0, so positions cannot tell
+        # an empty first group; counts can: a group is empty when no value lies between its
+        # start and the previous group's (bins() lists no empty bucket, so this is the rule
+        # above on the same buckets).
+        for x, y in zip(at_p, at_q, strict=True):
+            if x + y > pp + qq:
+                cps.append(x - pp)
+                cqs.append(y - qq)
+                pp, qq = x, y
+    else:
+        for s, x, y in zip(starts.tolist(), at_p, at_q, strict=True):
+            if s > prev:  # a group with no bucket (a bucket spanning several steps) is skipped
+                cps.append(x - pp)
+                cqs.append(y - qq)
+                prev, pp, qq = s, x, y
     cps.append(n - pp)
     cqs.append(m - qq)
     return cps, cqs
@@ -244,6 +391,7 @@ def _wasserstein(
     ``alpha=None`` skips the threshold (NaN), the costly part, when only the distance is read.
     """
     # Distribution mass sits at the bucket upper edges; W = sum |F - G| dx over the gaps.
+    pair = pair.fine()
     upper = pair.upper
     dx = upper[1:] - upper[:-1]
     raw = float(np.dot(pair.gap()[1:-1], dx))
@@ -309,7 +457,7 @@ def histogram_distances(
     >>> round(moved["ks"]["corrected"], 3), round(moved["ks"]["threshold"], 3)
     (0.089, 0.052)
     """
-    pair = _pair(as_bins(a), as_bins(b))
+    pair = align(a, b)
     if pair.n == 0 or pair.m == 0:
         raise ValueError(
             f"both histograms must be non-empty, got counts {int(pair.n)} and {int(pair.m)}"

@@ -310,6 +310,26 @@ class LogHistogram:
             return empty, empty.copy(), np.zeros(0, dtype=np.int64)
         return np.concatenate(lowers), np.concatenate(uppers), np.concatenate(counts)
 
+    def stores(self) -> tuple[int, np.ndarray, int, int, np.ndarray]:
+        """The raw bucket counts: ``(neg_offset, neg_counts, zero_count, pos_offset,
+        pos_counts)``.
+
+        ``pos_counts[i]`` counts the positive values of key ``pos_offset + i`` (bucket
+        ``(gamma**(k-1), gamma**k]``), ``neg_counts[i]`` the negative values whose magnitude has
+        key ``neg_offset + i``; either may hold zeros. The arrays are the live int64 stores:
+        treat them as read-only. Two histograms with the same ``relative_accuracy`` share their
+        keys, so they can be aligned by integer key without computing :meth:`bins`' edges.
+
+        Examples
+        --------
+        >>> h = LogHistogram(relative_accuracy=0.01)
+        >>> h.update_many(np.array([1.0, 1.01, 1.03, 0.0, -2.0]))
+        >>> neg_offset, neg_counts, zero, pos_offset, pos_counts = h.stores()
+        >>> neg_offset, neg_counts.tolist(), zero, pos_offset, pos_counts.tolist()
+        (35, [1], 1, 0, [1, 1, 1])
+        """
+        return self._neg.offset, self._neg.counts, self._zero, self._pos.offset, self._pos.counts
+
     def _representatives(self) -> tuple[np.ndarray, np.ndarray]:
         """(value estimate, count) of every non-empty bucket, ascending by value."""
         lower, upper, counts = self.bins()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .histogram_distance import _HistogramDrift, _pair, as_bins
+from .histogram_distance import _HistogramDrift, align
 
 
 class TwoSampleDrift(_HistogramDrift):
@@ -85,7 +85,7 @@ class TwoSampleDrift(_HistogramDrift):
 
         If either is empty nothing is evaluated and the alarm level is kept.
         """
-        pair = _pair(as_bins(treatment), as_bins(control))
+        pair = align(treatment, control)
         if not pair.n or not pair.m:
             self._hold()
             return

@@ -346,3 +346,74 @@ def test_window_drift_keeps_buckets_listed_with_zero_counts_as_merging_does():
     assert direct["_sizes"]["bins"] == 4  # the empty lowest bucket is a merged bin of its own
     assert det.score == direct["psi"]["corrected"]
     assert det.threshold == direct["psi"]["threshold"]
+
+
+# -- alignment by bucket key -----------------------------------------------------------------
+
+
+def random_histogram(rng, relative_accuracy):
+    """A LogHistogram of one of several shapes: signs, zeros, tiny values, collapsed stores."""
+    h = LogHistogram(relative_accuracy=relative_accuracy, max_bins=int(rng.choice([16, 64, 2048])))
+    n = int(rng.choice([0, 1, 3, 20, 300, 2000]))
+    kind = int(rng.integers(0, 6))
+    if kind == 0:
+        values = rng.lognormal(rng.normal(0, 2), rng.uniform(0.1, 3), n)
+    elif kind == 1:
+        values = rng.normal(rng.normal(0, 3), rng.uniform(0.1, 5), n)
+    elif kind == 2:
+        values = np.where(rng.random(n) < 0.2, 0.0, rng.normal(0, 1, n))
+    elif kind == 3:
+        values = -rng.lognormal(0, 1, n)
+    elif kind == 4:
+        values = rng.choice([0.0, 1.0, 2.5, -3.0, 1e-320], n)
+    else:  # far apart magnitudes: the layout would be wide, the edge alignment is used
+        values = rng.choice([1e-120, 1e90, -1e80], n)
+    h.update_many(values)
+    return h
+
+
+def test_key_alignment_matches_the_alignment_of_the_bins():
+    # The bins-tuple path is the original alignment; LogHistograms of one relative accuracy
+    # take the key path. Same merged bins, and every distance equal to the last bit.
+    rng = np.random.default_rng(20)
+    compared = 0
+    for _ in range(1500):
+        ra = float(rng.choice([0.01, 0.05, 0.2]))
+        a, b = random_histogram(rng, ra), random_histogram(rng, ra)
+        if not a.count or not b.count:
+            continue
+        min_expected = float(rng.choice([1.0, 5.0, 20.0]))
+        max_bins = int(rng.choice([2, 5, 20, 100]))
+        by_key = histogram_distances(a, b, alpha=1e-3, max_bins=max_bins, min_expected=min_expected)
+        by_edge = histogram_distances(
+            a.bins(), b.bins(), alpha=1e-3, max_bins=max_bins, min_expected=min_expected
+        )
+        assert by_key == by_edge
+        compared += 1
+    assert compared > 1000
+
+
+def test_histograms_of_different_accuracy_are_aligned_by_edge():
+    rng = np.random.default_rng(21)
+    a = Summary.from_values(rng.lognormal(0, 1, 500), relative_accuracy=0.01)
+    b = Summary.from_values(rng.lognormal(0, 1, 500), relative_accuracy=0.02)
+    assert histogram_distances(a, b, alpha=1e-3) == histogram_distances(
+        a.histogram.bins(), b.histogram.bins(), alpha=1e-3
+    )
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_two_sample_drift_on_summaries_matches_bins_tuples(distance):
+    rng = np.random.default_rng(22)
+    on_summaries = TwoSampleDrift(distance=distance, expected_run_length=50)
+    on_tuples = TwoSampleDrift(distance=distance, expected_run_length=50)
+    onsets = 0
+    for i in range(150):
+        mu = 0.3 if (i // 10) % 3 == 2 else 0.0
+        t = Summary.from_values(rng.normal(mu, 1, int(rng.integers(0, 400))))
+        c = Summary.from_values(rng.normal(0, 1, int(rng.integers(1, 400))))
+        on_summaries.update(t, c)
+        on_tuples.update(t.histogram.bins(), c.histogram.bins())
+        assert on_summaries.to_state() == on_tuples.to_state()
+        onsets += on_summaries.alarm
+    assert onsets >= 3
