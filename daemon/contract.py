@@ -560,21 +560,38 @@ class PartitionAccumulator:
             exp_of = c._group_exp[labels]
             first = np.flatnonzero(np.r_[True, exp_of[1:] != exp_of[:-1]])
             end = np.r_[first[1:], labels.shape[0]]
-            # One columnar summary per metric and feature, and where each experiment's groups
-            # sit in it (every column's labels are a subset of labels, ascending).
-            columns = []
+            # One columnar summary of every (arm, name) series at once: series label
+            # gid * n_names + name, so an experiment's series are adjacent, arm by arm, and
+            # every experiment's record is one slice of each column.
+            names: list[list[str]] = []
+            parts_v, parts_g = [], []
             for section, cols in (("metrics", self._mcols), ("features", self._fcols)):
                 for name, (vals, grp) in cols.items():
                     if vals:
-                        gs = GroupSummaries(
-                            np.frombuffer(vals, dtype=np.float64),
-                            np.frombuffer(grp, dtype=np.int64),
-                            relative_accuracy=ra,
-                            numpy_counts=True,
-                        )
-                        lo = gs.labels.searchsorted(labels[first]).tolist()
-                        hi = gs.labels.searchsorted(labels[end - 1], side="right").tolist()
-                        columns.append((section, name, gs, lo, hi))
+                        names.append([section, name])
+                        parts_v.append(np.frombuffer(vals, dtype=np.float64))
+                        parts_g.append(np.frombuffer(grp, dtype=np.int64))
+            n_names = max(len(names), 1)
+            if names:
+                gs = GroupSummaries(
+                    np.concatenate(parts_v),
+                    np.concatenate([g * n_names + m for m, g in enumerate(parts_g)]),
+                    relative_accuracy=ra,
+                    numpy_counts=True,
+                )
+                series = gs.labels
+                row_gid = series // n_names
+                # Each series' arm as its position in its record's "arms" (the experiment's
+                # groups with records, ascending), and its name as a position in "names".
+                rank = labels.searchsorted(row_gid)
+                row_arm = (rank - first[first.searchsorted(rank, side="right") - 1]).tolist()
+                row_name = (series - row_gid * n_names).tolist()
+                lo = series.searchsorted(labels[first] * n_names).tolist()
+                hi = series.searchsorted(labels[end - 1] * n_names + n_names).tolist()
+                mb = gs.max_bins
+            else:
+                gs = None
+                mb = _MAX_BINS
             head = {
                 "experiment": None,
                 "config_version": c.config_version,
@@ -590,11 +607,9 @@ class PartitionAccumulator:
             }
             exp_ids = c._exp_ids
             arm_names = [c._groups[g][1] for g in labels.tolist()]
-            label_list = labels.tolist()
             count_list = counts.tolist()
             span_min = np.minimum.reduceat(tmin, first).tolist()
             span_max = np.maximum.reduceat(tmax, first).tolist()
-            mb = columns[0][2].max_bins if columns else _MAX_BINS
             dumps = orjson.dumps
             opt = orjson.OPT_SERIALIZE_NUMPY
             for k, (a, b, e) in enumerate(
@@ -610,18 +625,16 @@ class PartitionAccumulator:
                     "arms": arm_names[a:b],
                     "count": count_list[a:b],
                 }
-                for section, name, gs, lo, hi in columns:
+                if gs is not None and lo[k] < hi[k]:
                     i, j = lo[k], hi[k]
-                    if i == j:
-                        continue
-                    blk = gs.block(i, j)
-                    if blk is None:  # an arm's histogram collapsed: not columnar
-                        rec = self._v1_record(rec, label_list[a:b], count_list[a:b], columns, k)
-                        break
-                    if j - i != b - a:
-                        mine = label_list[a:b]
-                        blk["rows"] = [mine.index(g) for g in gs.labels[i:j].tolist()]
-                    rec.setdefault(section, {})[name] = blk
+                    rows = gs.block(i, j)
+                    if rows is None:  # an arm's histogram collapsed: not columnar
+                        rec = _v1_record(rec, labels[a:b].tolist(), gs, names)
+                    else:
+                        rec["names"] = names
+                        rows["arm"] = row_arm[i:j]
+                        rows["name"] = row_name[i:j]
+                        rec["rows"] = rows
                 summaries.append(_encoded(rec, dumps(rec, option=opt)))
             summaries.sort(key=lambda kv: kv[0])
         assert self.first_offset is not None and self.last_offset is not None
@@ -639,22 +652,6 @@ class PartitionAccumulator:
         self._reset()
         return out
 
-    @staticmethod
-    def _v1_record(
-        rec: dict[str, Any], groups: list[int], counts: list[int], columns: list[Any], k: int
-    ) -> dict[str, Any]:
-        """The version-1 form of one experiment's record (per arm, one state per name)."""
-        arms = {}
-        for g, arm, n in zip(groups, rec["arms"], counts, strict=True):
-            body: dict[str, Any] = {"count": n, "metrics": {}, "features": {}}
-            for section, name, gs, lo, hi in columns:
-                at = gs.labels[lo[k] : hi[k]].searchsorted(g)
-                if lo[k] + at < hi[k] and int(gs.labels[lo[k] + at]) == g:
-                    body[section][name] = gs.state(lo[k] + int(at))
-            arms[arm] = body
-        keep = ("experiment", "config_version", "source", "offsets", "span")
-        return {"v": 1, **{key: rec[key] for key in keep}, "arms": arms}
-
     def discard(self) -> None:
         """Drop what was folded since the last drain (its transaction was aborted); the caller
         rewinds the consumer to the returned offset, from which :meth:`fold` accepts records
@@ -663,6 +660,24 @@ class PartitionAccumulator:
         self._reset()
         if first is not None:
             self.next_offset = first
+
+
+def _v1_record(
+    rec: dict[str, Any], groups: list[int], gs: GroupSummaries, names: list[list[str]]
+) -> dict[str, Any]:
+    """The version-1 form of one experiment's record: per arm, one state per name."""
+    arms = {}
+    n_names = len(names)
+    for g, arm, n in zip(groups, rec["arms"], rec["count"], strict=True):
+        body: dict[str, Any] = {"count": n, "metrics": {}, "features": {}}
+        for m, (section, name) in enumerate(names):
+            try:
+                body[section][name] = gs.state(gs.index(g * n_names + m))
+            except KeyError:  # no value of that name for this arm
+                continue
+        arms[arm] = body
+    keep = ("experiment", "config_version", "source", "offsets", "span")
+    return {"v": 1, **{key: rec[key] for key in keep}, "arms": arms}
 
 
 _MAX_BINS = 2048  # the histograms' default bound, written when a record has no histogram

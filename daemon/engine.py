@@ -290,19 +290,24 @@ class Engine:
             span = rec.get("span") or {}
             if not isinstance(experiment, str):
                 raise TypeError("bad shape")
+            st = self.state_for(experiment)
+            incoming: dict[str, ArmData] = {}
+            if st is not None:
+                # Every summary is read before any is merged: a bad one leaves no trace.
+                for arm, data in arms.items():
+                    if arm in st.exp.arms:
+                        incoming[arm] = parsed = ArmData()
+                        parsed.merge_state(data)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             self.counters["summaries_invalid"] += 1
             return []
-        st = self.state_for(experiment)
         if st is None:
             self.counters["summaries_unknown_experiment"] += 1
             return []
         self.counters["summaries"] += 1
-        for arm, data in arms.items():
-            if arm not in st.exp.arms:
-                continue
-            st.arms.setdefault(arm, ArmData()).merge_state(data)
-            st.interval.setdefault(arm, ArmData()).merge_state(data)
+        for arm, data in incoming.items():
+            st.arms.setdefault(arm, ArmData()).merge_in(data)
+            st.interval.setdefault(arm, ArmData()).merge_in(data)
         _ranges_add(st.summary_offsets, f"{topic}:{partition}", offset, offset)
         for o in rec.get("offsets") or []:
             try:

@@ -7,22 +7,26 @@ Key: the experiment id (UTF-8). Value: JSON. Every version carries
   "last"}]``: the input partition and the offset range the record covers;
 * ``span`` ``{"min_ts", "max_ts"}``: the event-time span of its records (seconds).
 
-**Version 2** (written since the columnar flush) holds the arms in columns, so a flush of
-10,000 experiments builds ~30,000 small blocks instead of ~100,000 per-arm summary states:
+**Version 2** (written since the columnar flush) holds every (arm, name) series of the record in
+one table of columns, so a flush of 10,000 experiments builds 10,000 small tables instead of
+~100,000 per-arm summary states:
 
 .. code-block:: text
 
-    "v": 2, "ra": 0.01, "mb": 2048,               # histogram relative accuracy and max bins
-    "arms": ["control", "treatment"],             # arms with records in this flush
-    "count": [523, 498],                          # their record counts (SRM counts these)
-    "metrics": {"latency_ms": BLOCK, ...}, "features": {...}   # either may be absent
-    BLOCK = {"rows": [0, 1],                      # which arms (index in "arms"); absent = all
-             "count": [...], "sum": [...], "m2": [...], "min": [...], "max": [...],
-             "zero": [...],                       # values in the histogram's zero bucket
-             "pos": [nonzero, keys, counts],      # positive magnitudes' log buckets: per row
-             "neg": [nonzero, keys, counts]}      # the number of non-empty buckets, then the
-                                                  # keys and counts of all rows concatenated
-                                                  # ("pos"/"neg" absent: no value of that sign)
+    "v": 2, "ra": 0.01, "mb": 2048,          # histogram relative accuracy and max bins
+    "arms": ["control", "treatment"],        # arms with records in this flush
+    "count": [523, 498],                     # their record counts (SRM counts these)
+    "names": [["metrics", "latency_ms"], ["features", "query_length"]],
+    "rows": {                                # one entry per series, in every column:
+        "arm": [0, 0, 1, 1],                 #   its arm (index in "arms")
+        "name": [0, 1, 0, 1],                #   its metric or feature (index in "names")
+        "count": [...], "sum": [...], "m2": [...], "min": [...], "max": [...],
+        "zero": [...],                       #   values in the histogram's zero bucket
+        "pos": [nonzero, keys, counts],      #   log buckets of the positive values: per row
+        "neg": [nonzero, keys, counts]}      #   the number of non-empty buckets, then the
+                                             #   keys and counts of all rows concatenated
+                                             #   ("pos"/"neg" absent: no value of that sign;
+                                             #   "names" and "rows" absent: no values at all)
 
 Each row is exactly the :class:`~armguard.detectors.summary.Summary` whose state is
 ``{"v": 1, "n": count, "sum": sum, "mean": sum / count, "m2": m2, "min": min, "max": max,
@@ -39,9 +43,9 @@ arm and name: ``"arms": {"control": {"count": 523, "metrics": {"latency_ms": <st
 Examples
 --------
 >>> rec = {"v": 2, "experiment": "e", "ra": 0.01, "mb": 2048, "arms": ["control", "t"],
-...        "count": [2, 1], "metrics": {"latency_ms": {"rows": [0], "count": [2],
-...        "sum": [3.0], "m2": [0.5], "min": [1.0], "max": [2.0], "zero": [0],
-...        "pos": [[2], [0, 35], [1, 1]]}}}
+...        "count": [2, 1], "names": [["metrics", "latency_ms"]],
+...        "rows": {"arm": [0], "name": [0], "count": [2], "sum": [3.0], "m2": [0.5],
+...                 "min": [1.0], "max": [2.0], "zero": [0], "pos": [[2], [0, 35], [1, 1]]}}
 >>> arms = arm_states(rec)
 >>> arms["t"]
 {'count': 1, 'metrics': {}, 'features': {}}
@@ -64,7 +68,7 @@ def arm_states(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     record of either version.
 
     Raises ``ValueError``, ``TypeError`` or ``KeyError`` on a record of another shape (a
-    malformed version-2 record always raises ``ValueError``).
+    malformed version-2 record always raises ``ValueError``, naming what is wrong).
     """
     version = rec.get("v", 1)
     if version == 1:
@@ -76,7 +80,7 @@ def arm_states(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         raise ValueError(f"unknown summary record version {version!r}")
     try:
         return _decode(rec)
-    except (AttributeError, IndexError, TypeError, ZeroDivisionError) as exc:
+    except (AttributeError, IndexError, KeyError, TypeError, ZeroDivisionError) as exc:
         raise ValueError(f"malformed version-2 summary record: {exc!r}") from None
 
 
@@ -85,42 +89,47 @@ def _decode(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     counts = rec["count"]
     if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts):
         raise TypeError("a version-2 summary record needs lists arms and count of one length")
-    ra = rec["ra"]
-    mb = rec["mb"]
     out: dict[str, dict[str, Any]] = {
         arm: {"count": int(n), "metrics": {}, "features": {}}
         for arm, n in zip(names, counts, strict=True)
     }
-    for section in ("metrics", "features"):
-        for name, blk in (rec.get(section) or {}).items():
-            _decode_block(blk, names, ra, mb, out, section, name)
-    return out
-
-
-def _decode_block(
-    blk: dict[str, Any],
-    names: list[str],
-    ra: float,
-    mb: int,
-    out: dict[str, dict[str, Any]],
-    section: str,
-    name: str,
-) -> None:
-    rows = blk.get("rows")
+    rows = rec.get("rows")
     if rows is None:
-        rows = range(len(names))
-    n = blk["count"]
-    sums, m2s, mins, maxs, zeros = blk["sum"], blk["m2"], blk["min"], blk["max"], blk["zero"]
-    k = len(rows)
-    if not len(n) == len(sums) == len(m2s) == len(mins) == len(maxs) == len(zeros) == k:
-        raise ValueError(f"{section}.{name}: columns of different lengths")
-    pos = _stores(blk.get("pos"), k)
-    neg = _stores(blk.get("neg"), k)
-    for r, arm in enumerate(rows):
+        return out
+    series = rec["names"]
+    ra = rec["ra"]
+    mb = rec["mb"]
+    arm_of, name_of = rows["arm"], rows["name"]
+    n = rows["count"]
+    sums, m2s, mins, maxs, zeros = rows["sum"], rows["m2"], rows["min"], rows["max"], rows["zero"]
+    k = len(arm_of)
+    if (
+        not len(name_of)
+        == len(n)
+        == len(sums)
+        == len(m2s)
+        == len(mins)
+        == len(maxs)
+        == len(zeros)
+        == k
+    ):
+        raise TypeError("the columns of rows have different lengths")
+    if k and not (
+        0 <= min(arm_of) <= max(arm_of) < len(names)
+        and 0 <= min(name_of) <= max(name_of) < len(series)
+    ):
+        raise IndexError("a row's arm or name is out of range")
+    pos = _stores(rows.get("pos"), k)
+    neg = _stores(rows.get("neg"), k)
+    sections = {"metrics", "features"}
+    for r in range(k):
         count = n[r]
-        if not isinstance(count, int) or count <= 0:
-            raise ValueError(f"{section}.{name}: a row's count must be a positive integer")
-        out[names[arm]][section][name] = {
+        if type(count) is not int or count <= 0:
+            raise TypeError("a row's count must be a positive integer")
+        section, name = series[name_of[r]]
+        if section not in sections:
+            raise TypeError(f"unknown section {section!r}")
+        out[names[arm_of[r]]][section][name] = {
             "v": 1,
             "n": count,
             "sum": sums[r],
@@ -130,6 +139,7 @@ def _decode_block(
             "max": maxs[r],
             "h": {"ra": ra, "mb": mb, "p": pos[r], "n": neg[r], "z": zeros[r]},
         }
+    return out
 
 
 def _stores(col: Any, rows: int) -> list[list[Any]]:
@@ -138,7 +148,9 @@ def _stores(col: Any, rows: int) -> list[list[Any]]:
         return [_EMPTY_STORE] * rows
     nonzero, keys, counts = col
     if len(nonzero) != rows or len(keys) != len(counts) or sum(nonzero) != len(keys):
-        raise ValueError("a histogram column's lengths do not add up")
+        raise TypeError("a histogram column's lengths do not add up")
+    if counts and min(counts) <= 0:  # only non-empty buckets are written
+        raise TypeError("a histogram bucket count must be a positive integer")
     out = []
     at = 0
     for m in nonzero:

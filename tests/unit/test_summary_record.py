@@ -77,8 +77,11 @@ def test_a_block_decodes_to_the_states_of_its_groups(data, cut):
         assert any(j in gs._wide for j in range(a, b))
         return
     names = [f"arm{j}" for j in range(a, b)]
+    rows = orjson.loads(orjson.dumps(blk))  # through JSON, as on the topic
+    rows["arm"] = list(range(b - a))
+    rows["name"] = [0] * (b - a)
     rec = {"v": 2, "ra": 0.01, "mb": 2048, "arms": names, "count": [1] * len(names)}
-    rec["metrics"] = {"x": orjson.loads(orjson.dumps(blk))}  # through JSON, as on the topic
+    rec |= {"names": [["metrics", "x"]], "rows": rows}
     arms = arm_states(rec)
     for j, name in zip(range(a, b), names, strict=True):
         want = orjson.loads(orjson.dumps(gs.state(j), option=orjson.OPT_SERIALIZE_NUMPY))
@@ -120,8 +123,15 @@ def test_flush_writes_columnar_records_equal_to_summaries_of_the_values():
     flush = _flush(raw)
     docs = {k.decode(): orjson.loads(v) for k, v in flush.summaries}
     assert set(docs) == {"a", "b"} and all(d["v"] == 2 for d in docs.values())
-    assert docs["a"]["metrics"]["delta"]["rows"] == [0, 1, 2]  # arms control, t1, t2 of 4
-    assert "rows" not in docs["a"]["metrics"]["latency_ms"]
+    doc = docs["a"]
+    assert doc["names"] == [
+        ["metrics", "delta"],
+        ["metrics", "latency_ms"],
+        ["features", "score"],
+    ]
+    # t3 (arm 3) never carries delta nor score: only its latency_ms row.
+    assert doc["rows"]["arm"] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert doc["rows"]["name"] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 1]
     seen = 0
     for exp, doc in docs.items():
         for arm, body in arm_states(doc).items():
@@ -165,16 +175,17 @@ GOOD = {
     "mb": 2048,
     "arms": ["control"],
     "count": [1],
-    "metrics": {
-        "latency_ms": {
-            "count": [1],
-            "sum": [2.0],
-            "m2": [0.0],
-            "min": [2.0],
-            "max": [2.0],
-            "zero": [0],
-            "pos": [[1], [35], [1]],
-        }
+    "names": [["metrics", "latency_ms"]],
+    "rows": {
+        "arm": [0],
+        "name": [0],
+        "count": [1],
+        "sum": [2.0],
+        "m2": [0.0],
+        "min": [2.0],
+        "max": [2.0],
+        "zero": [0],
+        "pos": [[1], [35], [1]],
     },
 }
 
@@ -192,14 +203,28 @@ BAD = [
     _bad(("v",), 3),
     _bad(("arms",), "control"),
     _bad(("count",), [1, 2]),
-    _bad(("metrics", "latency_ms", "rows"), [4]),
-    _bad(("metrics", "latency_ms", "count"), [0]),
-    _bad(("metrics", "latency_ms", "count"), [1.5]),
-    _bad(("metrics", "latency_ms", "sum"), []),
-    _bad(("metrics", "latency_ms", "pos"), [[2], [35], [1]]),
-    _bad(("metrics", "latency_ms", "pos"), 7),
-    _bad(("metrics", "latency_ms"), []),
-    _bad(("metrics",), [1]),
+    _bad(("names",), [["logs", "latency_ms"]]),
+    _bad(("names",), [["metrics"]]),
+    _bad(("names",), []),
+    _bad(("rows", "arm"), [1]),
+    _bad(("rows", "arm"), [-1]),
+    _bad(("rows", "name"), [-1]),
+    _bad(("rows", "count"), [0]),
+    _bad(("rows", "count"), [1.5]),
+    _bad(("rows", "sum"), []),
+    _bad(("rows", "min"), None),
+    _bad(("rows", "pos"), [[2], [35], [1]]),
+    _bad(("rows", "pos"), 7),
+    _bad(("rows",), []),
+    _bad(("rows",), {"arm": [0]}),
+    _bad(("unknown",), 0) | {"v": 0},
+]
+# Decoded, but not valid Summary states: the engine rejects them before merging anything.
+BAD_STATES = [
+    _bad(("ra",), None),
+    _bad(("rows", "min"), ["low"]),
+    _bad(("rows", "pos"), [[1], [35], [-1]]),
+    _bad(("rows", "pos"), [[2], [40, 35], [1, 1]]),
 ]
 
 
@@ -211,9 +236,10 @@ def test_malformed_version_2_records_raise_value_error(doc):
 
 def test_the_engine_counts_malformed_records_and_merges_good_ones():
     engine = Engine(EXPERIMENTS)
-    for i, doc in enumerate(BAD):
+    for i, doc in enumerate(BAD + BAD_STATES):
         assert engine.apply_summary(orjson.dumps(doc), topic="s", partition=0, offset=i) == []
-    assert engine.counters["summaries_invalid"] == len(BAD)
+    assert engine.counters["summaries_invalid"] == len(BAD) + len(BAD_STATES)
+    assert engine.state_for("b").arms == {}
     engine.apply_summary(orjson.dumps(GOOD), topic="s", partition=0, offset=99)
     assert engine.counters["summaries"] == 1
     st = engine.state_for("b")
