@@ -209,8 +209,8 @@ def _key_layout(ha: Any, hb: Any) -> tuple | None:
 
     The layout runs over every negative key either lists (largest magnitude first, so the
     positions ascend by value), then the zero bucket, then every positive key either lists.
-    Returns ``(size, ln, nhi, plo, stores_a, stores_b)`` or None when the layout would be much
-    wider than the buckets it holds (values of very different magnitudes).
+    Returns ``(size, ln, nhi, plo, stores_a, stores_b, log_gamma)`` or None when the layout
+    would be much wider than the buckets it holds (values of very different magnitudes).
     """
     sa = ha.stores()
     sb = hb.stores()
@@ -237,7 +237,7 @@ def _key_layout(ha: Any, hb: Any) -> tuple | None:
     held = sa[1].shape[0] + sa[4].shape[0] + sb[1].shape[0] + sb[4].shape[0]
     if size > 4 * held + 1024:
         return None
-    return size, ln, nhi, plo, sa, sb
+    return size, ln, nhi, plo, sa, sb, math.log(ha.gamma)
 
 
 def _fill(out: np.ndarray, stores: tuple, ln: int, nhi: int, plo: int) -> None:
@@ -259,14 +259,14 @@ def _key_pair(ha: Any, hb: Any) -> _Pair:
     layout = _key_layout(ha, hb)
     if layout is None:
         return _pair(ha.bins(), hb.bins())
-    size, ln, nhi, plo, sa, sb = layout
+    size, ln, nhi, plo, sa, sb, log_gamma = layout
     p = np.zeros(size + 1)
     q = np.zeros(size + 1)
     _fill(p, sa, ln, nhi, plo)
     _fill(q, sb, ln, nhi, plo)
     np.add.accumulate(p, out=p)
     np.add.accumulate(q, out=q)
-    return _KeyPair(p, q, (ln, nhi, plo, math.log(ha.gamma)))
+    return _KeyPair(p, q, (ln, nhi, plo, log_gamma))
 
 
 def _histogram_of(obj: Any) -> LogHistogram | None:
@@ -505,7 +505,10 @@ class _HistogramDrift(_EdgeAlarm):
         ):
             raise ValueError(f"min_effect must be a finite number >= 0, got {min_effect!r}")
         self.min_effect = float(min_effect)
-        self._distances: dict[str, float] | None = {}
+        # Corrected distances of the last evaluation known so far: the decision distance, and
+        # the other three once read (they are diagnostics, computed from _pair on first read,
+        # so neither update() nor to_state() pays for them).
+        self._distances: dict[str, float] = {}
         self._pair: _Pair | None = None  # the last evaluation's histograms, until distances read
         self._score = 0.0
         self._threshold = 0.0
@@ -526,10 +529,14 @@ class _HistogramDrift(_EdgeAlarm):
         raw, null, threshold = _KERNELS[self.distance](
             pair, alpha, self.min_expected, self.max_bins
         )
-        # The other three distances are only diagnostics: computed when first read.
+        self._decide(raw - null, threshold)
         self._pair = pair
-        self._distances = None
-        self._score = raw - null
+
+    def _decide(self, score: float, threshold: float) -> None:
+        """Record an evaluation's score and calibrated threshold and move the alarm."""
+        self._distances = {self.distance: score}
+        self._pair = None
+        self._score = score
         # Statistical threshold, raised to the smallest drift worth an alarm if one is set:
         # on very large windows a real but negligible difference is significant.
         self._threshold = max(threshold, self.min_effect)
@@ -542,16 +549,15 @@ class _HistogramDrift(_EdgeAlarm):
             self._set_level(False)
 
     def _all(self) -> dict[str, float]:
-        if self._distances is None:
+        pair = self._pair
+        if pair is not None:
             # The configured distance is the score; the others need no threshold.
             out = {}
             for name in DISTANCES:
                 if name == self.distance:
                     out[name] = self._score
                 else:
-                    raw, null, _ = _KERNELS[name](
-                        self._pair, None, self.min_expected, self.max_bins
-                    )
+                    raw, null, _ = _KERNELS[name](pair, None, self.min_expected, self.max_bins)
                     out[name] = raw - null
             self._distances = out
             self._pair = None
@@ -573,7 +579,13 @@ class _HistogramDrift(_EdgeAlarm):
 
     @property
     def distances(self) -> dict[str, float]:
-        """All four corrected distances of the last evaluation (empty before the first)."""
+        """All four corrected distances of the last evaluation (empty before the first).
+
+        The three besides ``distance`` are diagnostics, computed on first read from the last
+        evaluation's histograms. A detector rebuilt by ``from_state`` knows those that had been
+        read when its state was taken (a state never pays for them), and a batch update
+        (``update_many``) computes them only when asked to: otherwise only ``distance``'s.
+        """
         return dict(self._all())
 
     def to_dict(self) -> dict:
@@ -590,7 +602,7 @@ class _HistogramDrift(_EdgeAlarm):
 
     def _result_state(self) -> dict:
         return {
-            "distances": dict(self._all()),
+            "distances": dict(self._distances),  # those known: computing the rest is not free
             "score": self._score,
             "threshold": self._threshold,
             **self._edge_state(),
@@ -598,7 +610,6 @@ class _HistogramDrift(_EdgeAlarm):
 
     def _load_result_state(self, state: dict) -> None:
         self._distances = {k: float(v) for k, v in state["distances"].items()}
-        self._pair = None
         self._score = float(state["score"])
         self._threshold = float(state["threshold"])
         self._load_edge_state(state)

@@ -417,3 +417,38 @@ def test_two_sample_drift_on_summaries_matches_bins_tuples(distance):
         assert on_summaries.to_state() == on_tuples.to_state()
         onsets += on_summaries.alarm
     assert onsets >= 3
+
+
+# -- diagnostic distances: computed when read, never by a snapshot ---------------------------
+
+
+def test_state_holds_the_distances_known_and_reading_them_computes_all_four():
+    rng = np.random.default_rng(23)
+    t = Summary.from_values(rng.lognormal(0.1, 1, 2000))
+    c = Summary.from_values(rng.lognormal(0, 1, 2000))
+    det = TwoSampleDrift(distance="ks")
+    det.update(t, c)
+    state = det.to_state()
+    assert state["distances"] == {"ks": det.score}  # a snapshot does not compute the others
+    twin = TwoSampleDrift.from_state(json.loads(json.dumps(state)))
+    assert twin.to_state() == state and twin.distances == {"ks": det.score}
+    direct = histogram_distances(t, c, alpha=1e-4)
+    assert det.distances == {d: direct[d]["corrected"] for d in DISTANCES}
+    read = det.to_state()
+    assert read["distances"] == det.distances  # once read they are known, and kept
+    assert TwoSampleDrift.from_state(read).to_dict() == det.to_dict()
+
+
+def test_states_written_with_all_four_distances_still_load():
+    rng = np.random.default_rng(24)
+    det = TwoSampleDrift(distance="psi")
+    det.update(
+        Summary.from_values(rng.lognormal(0, 1, 900)), Summary.from_values(rng.lognormal(0, 1, 900))
+    )
+    old = {
+        **det.to_state(),
+        "distances": {"psi": det.score, "js": 0.1, "ks": 0.2, "wasserstein": 0.3},
+    }
+    twin = TwoSampleDrift.from_state(old)
+    assert twin.distances == old["distances"] and twin.to_state() == old
+    assert twin.score == det.score and twin.threshold == det.threshold
