@@ -550,16 +550,22 @@ class PartitionAccumulator:
         if summarised:
             gids = np.frombuffer(self._gids, dtype=np.int64)
             ts = np.frombuffer(self._ts, dtype=np.float64)
-            labels, starts, counts = _segments(gids)
-            order = np.argsort(gids, kind="stable")
-            ts_sorted = ts[order]
-            tmin = np.minimum.reduceat(ts_sorted, starts)
-            tmax = np.maximum.reduceat(ts_sorted, starts)
+            # Groups with records, ascending, and their record counts (no sort: group ids are
+            # small integers).
+            per_group = np.bincount(gids)
+            labels = np.flatnonzero(per_group)
+            counts = per_group[labels]
             # Group ids of one experiment are consecutive, so the arms of an experiment are
             # adjacent in the ascending labels: experiment k covers labels[first[k]:end[k]].
             exp_of = c._group_exp[labels]
             first = np.flatnonzero(np.r_[True, exp_of[1:] != exp_of[:-1]])
             end = np.r_[first[1:], labels.shape[0]]
+            # Event-time span per experiment (indexed by experiment position in the config).
+            exp_of_record = c._group_exp[gids]
+            span_lo = np.full(len(c._exp_ids), np.inf)
+            span_hi = np.full(len(c._exp_ids), -np.inf)
+            np.minimum.at(span_lo, exp_of_record, ts)
+            np.maximum.at(span_hi, exp_of_record, ts)
             # One columnar summary of every (arm, name) series at once: series label
             # gid * n_names + name, so an experiment's series are adjacent, arm by arm, and
             # every experiment's record is one slice of each column.
@@ -608,8 +614,8 @@ class PartitionAccumulator:
             exp_ids = c._exp_ids
             arm_names = [c._groups[g][1] for g in labels.tolist()]
             count_list = counts.tolist()
-            span_min = np.minimum.reduceat(tmin, first).tolist()
-            span_max = np.maximum.reduceat(tmax, first).tolist()
+            span_min = span_lo[exp_of[first]].tolist()
+            span_max = span_hi[exp_of[first]].tolist()
             dumps = orjson.dumps
             opt = orjson.OPT_SERIALIZE_NUMPY
             for k, (a, b, e) in enumerate(
@@ -687,14 +693,6 @@ def _encoded(record: dict[str, Any], value: bytes) -> tuple[bytes, bytes]:
     # orjson hands back its growth buffer (up to ~3x the length); an exact copy costs a memcpy
     # and keeps a flush of 10,000 summaries from holding tens of MB of slack until it commits.
     return record["experiment"].encode(), bytes(memoryview(value))
-
-
-def _segments(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct labels ascending, the start of each in the sorted order, and their counts."""
-    s = np.sort(labels, kind="stable")
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    counts = np.diff(np.r_[starts, s.shape[0]])
-    return s[starts], starts, counts
 
 
 def _field_rejection(rec: Any, path: str, v: Any, want: str) -> DeadLetter:
