@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from ._histogram_batch import evaluate_many
 from .histogram_distance import _HistogramDrift, align
 
 
@@ -90,6 +92,62 @@ class TwoSampleDrift(_HistogramDrift):
             self._hold()
             return
         self._evaluate(pair)
+
+    @classmethod
+    def update_many(
+        cls,
+        detectors: Sequence[TwoSampleDrift],
+        pairs: Sequence[tuple[Any, Any]],
+        *,
+        all_distances: bool = False,
+    ) -> None:
+        """``detectors[i].update(*pairs[i])`` for every ``i``, in one vectorised pass.
+
+        The distances of all pairs are computed together (a fixed number of numpy calls on one
+        flat layout of every pair's buckets, see ``detectors/_histogram_batch.py``), then each
+        detector moves its alarm in list order, so a detector listed twice sees its updates in
+        order. Each detector keeps its own parameters. The result equals updating one by one up
+        to rounding (about 1e-15 relative: ``np.log`` against ``math.log``, sequential sums
+        against ``np.dot``); a pair's result does not depend on the rest of the batch, bit for
+        bit, so any batching of the same updates gives the same scores and alarms.
+
+        Only the decision distance is computed, so ``distances`` then holds that one; with
+        ``all_distances=True`` the other three are computed too (without thresholds), at about
+        five times the cost on these flat arrays.
+
+        Parameters
+        ----------
+        detectors
+            The detectors to update.
+        pairs
+            ``(treatment, control)`` per detector: Summaries, LogHistograms or bins tuples.
+            Histograms of one relative accuracy are batched; others are evaluated singly.
+        all_distances
+            Also compute the three diagnostic distances.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from armguard.detectors import Summary, TwoSampleDrift
+        >>> rng = np.random.default_rng(42)
+        >>> dets = [TwoSampleDrift(distance="psi") for _ in range(3)]
+        >>> pairs = [(Summary.from_values(rng.lognormal(mu, 1.0, 4_000)),
+        ...           Summary.from_values(rng.lognormal(0.0, 1.0, 4_000)))
+        ...          for mu in (0.0, 0.0, 0.2)]
+        >>> TwoSampleDrift.update_many(dets, pairs)
+        >>> [(d.alarm, round(d.score, 4)) for d in dets]
+        [(False, -0.0022), (False, -0.0015), (True, 0.0616)]
+        """
+        results = evaluate_many(list(detectors), list(pairs), all_distances)
+        for det, res in zip(detectors, results, strict=True):
+            if res is None:
+                det._hold()
+                continue
+            score, threshold, distances, pair = res
+            det._decide(score, threshold)
+            if distances is not None:
+                det._distances = distances
+            det._pair = pair
 
     def to_state(self) -> dict:
         """JSON-serialisable state; ``from_state`` rebuilds an identical detector."""

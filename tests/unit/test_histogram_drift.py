@@ -452,3 +452,155 @@ def test_states_written_with_all_four_distances_still_load():
     twin = TwoSampleDrift.from_state(old)
     assert twin.distances == old["distances"] and twin.to_state() == old
     assert twin.score == det.score and twin.threshold == det.threshold
+
+
+# -- batched updates -------------------------------------------------------------------------
+
+
+def random_drift_detector(rng):
+    return TwoSampleDrift(
+        distance=str(rng.choice(DISTANCES)),
+        expected_run_length=float(rng.choice([20.0, 1e4])),
+        min_expected=float(rng.choice([1.0, 5.0])),
+        max_bins=int(rng.choice([5, 20])),
+    )
+
+
+def random_pair(rng):
+    """A (treatment, control) pair of mixed sizes and shapes, sometimes shifted or empty."""
+    ra = float(rng.choice([0.01, 0.05]))
+    a, b = random_histogram(rng, ra), random_histogram(rng, ra)
+    if rng.random() < 0.5:  # Summaries, sometimes with a real difference
+        n, m = int(rng.choice([0, 50, 800])), int(rng.integers(1, 800))
+        shift = float(rng.choice([0.0, 0.0, 0.4]))
+        a = Summary.from_values(rng.normal(shift, 1, n), relative_accuracy=ra)
+        b = Summary.from_values(rng.normal(0, 1, m), relative_accuracy=ra)
+    return a, b
+
+
+def test_batch_distances_equal_the_single_pair_distances():
+    from armguard.detectors._histogram_batch import batch_distances
+
+    rng = np.random.default_rng(30)
+    pairs = [random_pair(rng) for _ in range(600)]
+    hists = [(getattr(a, "histogram", a), getattr(b, "histogram", b)) for a, b in pairs]
+    params = {
+        "alpha": rng.choice([1e-3, 1e-4], len(pairs)).tolist(),
+        "min_expected": rng.choice([1.0, 5.0, 20.0], len(pairs)).tolist(),
+        "max_bins": rng.choice([2, 5, 20, 100], len(pairs)).tolist(),
+    }
+    res = batch_distances(hists, **params, distances=set(DISTANCES), thresholds=set(DISTANCES))
+    checked = 0
+    for i, (a, b) in enumerate(hists):
+        assert (res["n"][i], res["m"][i]) == (a.count, b.count)
+        if not a.count or not b.count:
+            continue
+        one = histogram_distances(
+            a,
+            b,
+            alpha=params["alpha"][i],
+            min_expected=params["min_expected"][i],
+            max_bins=params["max_bins"][i],
+        )
+        assert res["bins"][i] == one["_sizes"]["bins"]  # the same merged bins
+        for name in DISTANCES:
+            raw, null, thr = (res[name][j][i] for j in range(3))
+            assert raw == pytest.approx(one[name]["raw"], rel=1e-12, abs=1e-300)
+            assert null == pytest.approx(one[name]["null_mean"], rel=1e-12)
+            # Wasserstein's variance is a difference of two sums: rounding shows at 1e-12.
+            assert thr == pytest.approx(
+                one[name]["threshold"], rel=1e-12 if name != "wasserstein" else 1e-9
+            )
+        checked += 1
+    assert checked > 350
+
+
+def test_a_pairs_batch_result_does_not_depend_on_the_rest_of_the_batch():
+    # Bit for bit: the daemon's decisions must not depend on how records were batched.
+    rng = np.random.default_rng(31)
+    pairs = [random_pair(rng) for _ in range(300)]
+    specs = [random_drift_detector(rng).to_state() for _ in pairs]
+    together = [TwoSampleDrift.from_state(s) for s in specs]
+    TwoSampleDrift.update_many(together, pairs, all_distances=True)
+    for i in rng.choice(len(pairs), 40, replace=False):
+        alone = TwoSampleDrift.from_state(specs[i])
+        TwoSampleDrift.update_many([alone], [pairs[i]], all_distances=True)
+        assert alone.to_state() == together[i].to_state()
+    shuffled = [TwoSampleDrift.from_state(s) for s in specs]
+    order = rng.permutation(len(pairs))
+    TwoSampleDrift.update_many([shuffled[i] for i in order], [pairs[i] for i in order])
+    for a, b in zip(shuffled, together, strict=True):
+        assert (a.score, a.threshold, a.alarm) == (b.score, b.threshold, b.alarm)
+
+
+def test_batched_updates_raise_the_same_alarms_as_single_updates():
+    rng = np.random.default_rng(32)
+    specs = [random_drift_detector(rng).to_state() for _ in range(40)]
+    single = [TwoSampleDrift.from_state(s) for s in specs]
+    batched = [TwoSampleDrift.from_state(s) for s in specs]
+    onsets = 0
+    for _ in range(25):
+        pairs = [random_pair(rng) for _ in specs]
+        for det, (t, c) in zip(single, pairs, strict=True):
+            det.update(t, c)
+        TwoSampleDrift.update_many(batched, pairs)
+        for a, b in zip(single, batched, strict=True):
+            assert (a.alarm, a.in_alarm, a.n_alarms) == (b.alarm, b.in_alarm, b.n_alarms)
+            assert b.score == pytest.approx(a.score, rel=1e-12, abs=1e-15)
+            assert b.threshold == pytest.approx(a.threshold, rel=1e-9)
+            onsets += b.alarm
+    assert onsets > 20
+    # Only the decision distance is computed in a batch, unless asked for all four.
+    assert all(set(b.distances) <= {b.distance} for b in batched)
+
+
+def test_update_many_holds_on_empty_arms_and_takes_any_input():
+    rng = np.random.default_rng(33)
+    c = Summary.from_values(rng.normal(0, 1, 500))
+    t = Summary.from_values(rng.normal(1, 1, 500))
+    dets = [TwoSampleDrift(distance="ks") for _ in range(5)]
+    pairs = [
+        (t, c),
+        (Summary(), c),  # an empty arm: nothing evaluated, the alarm level is kept
+        (t.histogram.bins(), c.histogram.bins()),  # tuples: evaluated singly
+        (Summary.from_values(rng.normal(1, 1, 500), relative_accuracy=0.02), c),
+        (t.histogram, c.histogram),
+    ]
+    TwoSampleDrift.update_many(dets, pairs)
+    assert [d.in_alarm for d in dets] == [True, False, True, True, True]
+    assert dets[1].distances == {} and dets[1].n_alarms == 0
+    twin = TwoSampleDrift(distance="ks")
+    twin.update(t, c)
+    assert dets[0].score == pytest.approx(twin.score, rel=1e-12)
+    assert dets[2].to_state() == twin.to_state()  # the single path, bit for bit
+    assert set(dets[2].distances) == set(DISTANCES)  # and its pair is kept for the others
+    TwoSampleDrift.update_many([], [])
+    with pytest.raises(ValueError):
+        TwoSampleDrift.update_many(dets, pairs[:2])
+
+
+def test_update_many_applies_a_detector_listed_twice_in_order():
+    rng = np.random.default_rng(34)
+    c = Summary.from_values(rng.normal(0, 1, 2000))
+    moved = Summary.from_values(rng.normal(0.5, 1, 2000))
+    same = Summary.from_values(rng.normal(0, 1, 2000))
+    batched, single = TwoSampleDrift(), TwoSampleDrift()
+    TwoSampleDrift.update_many([batched, batched], [(moved, c), (same, c)])
+    single.update(moved, c)
+    single.update(same, c)
+    assert batched.n_alarms == single.n_alarms == 1
+    assert (batched.in_alarm, batched.alarm) == (single.in_alarm, single.alarm) == (False, False)
+
+
+def test_update_many_with_all_distances_keeps_them_in_the_state():
+    rng = np.random.default_rng(35)
+    pairs = [random_pair(rng) for _ in range(30)]
+    pairs = [(a, b) for a, b in pairs if getattr(a, "count", 0) and getattr(b, "count", 0)]
+    dets = [TwoSampleDrift(distance="wasserstein") for _ in pairs]
+    TwoSampleDrift.update_many(dets, pairs, all_distances=True)
+    for det, (a, b) in zip(dets, pairs, strict=True):
+        direct = histogram_distances(a, b, alpha=1e-4)
+        assert det.distances == pytest.approx(
+            {d: direct[d]["corrected"] for d in DISTANCES}, rel=1e-12, abs=1e-15
+        )
+        assert TwoSampleDrift.from_state(det.to_state()).to_dict() == det.to_dict()
