@@ -344,6 +344,9 @@ class PartitionAccumulator:
         self._fcols: dict[str, tuple[array[float], array[int]]] = {
             n: (array("d"), array("q")) for n in c.feature_names
         }
+        # The same columns' bound append methods, for the hot loop.
+        self._mappend = {n: (v.append, g.append) for n, (v, g) in self._mcols.items()}
+        self._fappend = {n: (v.append, g.append) for n, (v, g) in self._fcols.items()}
         self._deadletters: list[DeadLetter] = []
         self._skipped = 0
         self._skipped_detail = ""
@@ -375,8 +378,8 @@ class PartitionAccumulator:
         loads = orjson.loads
         json_error = orjson.JSONDecodeError
         exps_get = c._exps.get
-        mcols = self._mcols
-        fcols = self._fcols
+        mcols = self._mappend
+        fcols = self._fappend
         gid_append = self._gids.append
         ts_append = self._ts.append
         dead = self._deadletters.append
@@ -465,9 +468,9 @@ class PartitionAccumulator:
                         continue
                     tv = type(v)
                     if (tv is float or tv is int) and r[0] <= v <= r[1]:
-                        col = mcols[name]
-                        col[0].append(v)
-                        col[1].append(gid)
+                        add_value, add_group = mcols[name]
+                        add_value(v)
+                        add_group(gid)
                     else:
                         bad = ("metrics", name, v, r)
                         break
@@ -478,9 +481,9 @@ class PartitionAccumulator:
                         continue
                     tv = type(v)
                     if (tv is float or tv is int) and r[0] <= v <= r[1]:
-                        col = fcols[name]
-                        col[0].append(v)
-                        col[1].append(gid)
+                        add_value, add_group = fcols[name]
+                        add_value(v)
+                        add_group(gid)
                     else:
                         bad = ("features", name, v, r)
                         break
