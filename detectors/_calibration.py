@@ -101,6 +101,9 @@ def _gamma_q(a: float, x: float) -> float:
 
 
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_exp = math.exp
+_sqrt = math.sqrt
+_erfc = math.erfc
 
 
 def chi2_sf(x: float, df: float) -> float:
@@ -108,25 +111,33 @@ def chi2_sf(x: float, df: float) -> float:
     if x <= 0.0:
         return 1.0
     if df == int(df) and 1 <= df <= 200:
-        # Integer df (every caller's case): the finite Poisson-sum form of Q(df / 2, x / 2),
-        # a few multiplications instead of the series or continued fraction (Abramowitz and
-        # Stegun 26.4.4-26.4.5). The terms are Poisson probabilities (<= 1, all positive), so
-        # nothing overflows or cancels.
-        h = 0.5 * x
-        k = int(df)
-        if k % 2 == 0:
-            term = total = math.exp(-h)
-            for i in range(1, k // 2):
-                term *= h / i
-                total += term
-        else:
-            total = math.erfc(math.sqrt(h))
-            term = math.exp(-h) * math.sqrt(h) * _TWO_OVER_SQRT_PI  # e^-h h^(1/2) / G(3/2)
-            for j in range(1, k // 2 + 1):
-                total += term
-                term *= h / (j + 0.5)
-        return min(1.0, total)
+        return chi2_sf_int(x, int(df))
     return _gamma_q(0.5 * df, 0.5 * x)
+
+
+def chi2_sf_int(x: float, k: int) -> float:
+    """``chi2_sf(x, k)`` for an int ``k`` in [1, 200], without the checks (a hot path).
+
+    The finite Poisson-sum form of Q(k / 2, x / 2), a few multiplications instead of the
+    series or continued fraction (Abramowitz and Stegun 26.4.4-26.4.5). The terms are Poisson
+    probabilities (<= 1, all positive), so nothing overflows or cancels.
+    """
+    if x <= 0.0:
+        return 1.0
+    h = 0.5 * x
+    if k % 2 == 0:
+        term = total = _exp(-h)
+        for i in range(1, k // 2):
+            term *= h / i
+            total += term
+    else:
+        root = _sqrt(h)
+        total = _erfc(root)
+        term = _exp(-h) * root * _TWO_OVER_SQRT_PI  # e^-h h^(1/2) / G(3/2)
+        for j in range(1, k // 2 + 1):
+            total += term
+            term *= h / (j + 0.5)
+    return total if total < 1.0 else 1.0
 
 
 @lru_cache(maxsize=1024)

@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import add as _add
+from typing import NoReturn
 
 import numpy as np
 
-from ._calibration import check_run_length, chi2_sf
+from ._calibration import check_run_length, chi2_sf_int
 from ._edge import _EdgeAlarm
 
 _MAX_SCORE = 300.0
 _SQRT2 = math.sqrt(2.0)
+_sqrt = math.sqrt
+_erfc = math.erfc
+_log10 = math.log10
+_F64 = np.dtype(np.float64)
+_INF = math.inf
+_NAMES = ("counts", "prediction_sums", "outcome_sums")
+_Row = tuple[list[float], list[float], list[float]]  # counts, prediction sums, outcome sums
+
+
+def _floats(seq: Sequence[float]) -> list[float]:
+    """``seq`` as a new list of Python floats (one numpy call for an array)."""
+    if isinstance(seq, np.ndarray):
+        return (seq if seq.dtype is _F64 else seq.astype(_F64)).tolist()
+    return list(map(float, seq))
+
+
+def _suffix_sums(rows: list[_Row]) -> list[list[float]]:
+    """``out[j] = rows[j] + (rows[j + 1] + (... + rows[-1]))`` bin by bin, each row flat."""
+    flat = [n + e + o for n, e, o in rows]
+    out = [flat[-1]]
+    for row in reversed(flat[:-1]):
+        out.append(list(map(_add, row, out[-1])))
+    out.reverse()
+    return out
 
 
 def bin_predictions(
@@ -110,8 +136,15 @@ class CalibrationDrift(_EdgeAlarm):
             raise ValueError(f"clear_fraction must be a number in [0, 1], got {clear_fraction!r}")
         self.clear_fraction = float(clear_fraction)
         self._threshold = math.log10(self.expected_run_length)
-        self._window: list[list[list[float]]] = []
-        self._buffer: np.ndarray | None = None  # the window as an array, built on first use
+        self._clear_threshold = self.clear_fraction * self._threshold
+        # The window, oldest interval first, each as (counts, prediction sums, outcome sums).
+        # With window_intervals > 1 it is two blocks (see `_update_window`): the older one as the
+        # sums from each of its rows to its end, the newer one as its running sum.
+        self._window: list[_Row] = []
+        zeros = [0.0] * n_bins
+        self._zeros = (zeros, zeros, zeros)
+        self._suffix: list[list[float]] = []  # flat: counts, prediction sums, outcome sums
+        self._front = self._zeros
         self._ece = 0.0
         self._bias = 0.0
         self._p_value = 1.0
@@ -124,43 +157,121 @@ class CalibrationDrift(_EdgeAlarm):
         outcome_sums: Sequence[float],
     ) -> None:
         """Add one interval's binned predictions and outcomes and evaluate the window."""
-        rows = [
-            self._row("counts", counts),
-            self._row("prediction_sums", prediction_sums),
-            self._row("outcome_sums", outcome_sums),
-        ]
-        for n, p, y in zip(*rows, strict=True):
-            if p > n or y > n:
-                raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
-        window = self._window
-        if self.window_intervals == 1:
-            window[:] = [rows]
-            self._evaluate(*rows)
+        n = _floats(counts)
+        e = _floats(prediction_sums)
+        o = _floats(outcome_sums)
+        if not len(n) == len(e) == len(o) == self.n_bins:
+            self._reject(counts, prediction_sums, outcome_sums)
+        if self.window_intervals > 1:
+            self._update_window(n, e, o, counts, prediction_sums, outcome_sums)
             return
-        # Window totals in numpy: the rows are kept in time order in a (window, 3, bins) buffer,
-        # so the sum is the one np.sum(axis=0) over the window list gives, bit for bit (a running
-        # add/subtract total would drift by rounding and differ after a state round trip).
-        buf = self._buffer
-        if buf is None:  # first update, or first after from_state: build it from the window
-            window.append(rows)
-            del window[: -self.window_intervals]
-            buf = self._buffer = np.zeros((self.window_intervals, 3, self.n_bins))
-            buf[: len(window)] = window
-        elif len(window) == self.window_intervals:
-            window.pop(0)
-            window.append(rows)
-            buf[:-1] = buf[1:]
-            buf[-1] = rows
+        # One interval: the statistics of (n, e, o) themselves, checked in the same pass for
+        # 0 <= e <= n and 0 <= o <= n (a NaN fails every comparison; an inf or an overflow
+        # makes the count inf below, and e and o, bounded by n, are then finite too): the input
+        # `_reject` refuses. The lengths are checked, so zip needs no strict; comparing floats
+        # with floats (0.0, not 0) takes CPython's fast path, a quarter of this loop.
+        gap = v_total = hl = 0.0
+        k = 0
+        for nb, eb, ob in zip(n, e, o):  # noqa: B905
+            if nb > 0.0:
+                if not (0.0 <= eb <= nb and 0.0 <= ob <= nb):
+                    self._reject(counts, prediction_sums, outcome_sums)
+                d = ob - eb
+                gap += abs(d)
+                v = eb * (1.0 - eb / nb)
+                if v > 0.0:
+                    v_total += v
+                    hl += d * d / v
+                    k += 1
+            elif not (nb == 0.0 and eb == 0.0 and ob == 0.0):
+                self._reject(counts, prediction_sums, outcome_sums)
+        count = sum(n)
+        if not count < _INF:
+            self._reject(counts, prediction_sums, outcome_sums)
+        self._window = [(n, e, o)]
+        self._evaluate(count, sum(e), sum(o), gap, v_total, hl, k)
+
+    def _update_window(
+        self, n: list[float], e: list[float], o: list[float], *raw: Sequence[float]
+    ) -> None:
+        """Slide the window by the checked-as-it-goes interval (n, e, o) and evaluate it.
+
+        Two stacks instead of one running total: the window is an older block, of which the
+        sums from each row to the block's end are kept (``_suffix``), and a newer block summed
+        as rows arrive (``_front``), so the window total is ``_suffix[0] + _front``. Every
+        number is then a sum of at most ``window_intervals`` non-negative terms and never a
+        difference: the rounding error of a plain sum, no drift, no cancellation (integer
+        counts stay exact, a bin that empties sums to exactly 0), and a function of the rows in
+        the window and of where the blocks split, which ``to_state`` records. When the older
+        block is used up the newer one becomes it: ``window_intervals - 1`` row additions every
+        ``window_intervals`` updates instead of all of them every update.
+        """
+        window = self._window
+        suffix = self._suffix
+        front = self._front
+        full = len(window) == self.window_intervals
+        if full and not suffix:
+            suffix = _suffix_sums(window)
+            front = self._zeros
+        if full:
+            older = suffix[1] if len(suffix) > 1 else None
         else:
-            buf[len(window)] = rows
-            window.append(rows)
-        self._evaluate(*buf[: len(window)].sum(axis=0).tolist())
+            older = suffix[0] if suffix else None
+        if older is None:
+            older = self._zeros
+        else:
+            b = self.n_bins
+            older = (older[:b], older[b : 2 * b], older[2 * b :])
+        # One pass: check the new interval, add it to the newer block, total the window and
+        # its statistics (in bin order, as sum() would add them).
+        new_n = []
+        new_e = []
+        new_o = []
+        count = e_total = o_total = gap = v_total = hl = 0.0
+        k = 0
+        for xn, xe, xo, fn, fe, fo, sn, se, so in zip(n, e, o, *front, *older):  # noqa: B905
+            if not (0.0 <= xe <= xn and 0.0 <= xo <= xn):
+                self._reject(*raw)
+            fn += xn
+            fe += xe
+            fo += xo
+            new_n.append(fn)
+            new_e.append(fe)
+            new_o.append(fo)
+            nb = sn + fn
+            eb = se + fe
+            ob = so + fo
+            count += nb
+            e_total += eb
+            o_total += ob
+            if nb > 0.0:
+                d = ob - eb
+                gap += abs(d)
+                v = eb * (1.0 - eb / nb)
+                if v > 0.0:
+                    v_total += v
+                    hl += d * d / v
+                    k += 1
+        if not sum(n) < _INF:
+            self._reject(*raw)
+        if full:
+            del window[0]
+            del suffix[0]
+            self._suffix = suffix
+        window.append((n, e, o))
+        self._front = (new_n, new_e, new_o)
+        self._evaluate(count, e_total, o_total, gap, v_total, hl, k)
+
+    def _reject(self, *rows: Sequence[float]) -> NoReturn:
+        # The slow path, only for input the fast checks refused: it names what is wrong.
+        n, e, o = (self._row(name, row) for name, row in zip(_NAMES, rows, strict=True))
+        for nb, eb, ob in zip(n, e, o, strict=True):
+            if eb > nb or ob > nb:
+                raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
+        raise ValueError("counts, prediction_sums and outcome_sums must be finite and >= 0")
 
     def _row(self, name: str, seq: Sequence[float]) -> list[float]:
-        if isinstance(seq, np.ndarray):
-            row = seq.tolist() if seq.dtype == np.float64 else list(map(float, seq.tolist()))
-        else:
-            row = list(map(float, seq))
+        row = _floats(seq)
         if len(row) != self.n_bins:
             raise ValueError(f"{name} must have n_bins={self.n_bins} entries, got {len(row)}")
         # One comparison and one sum catch a negative, a NaN (the sum is NaN) or an inf.
@@ -168,40 +279,42 @@ class CalibrationDrift(_EdgeAlarm):
             raise ValueError(f"{name} must be finite and >= 0")
         return row
 
-    def _evaluate(self, n: list[float], e: list[float], o: list[float]) -> None:
-        # Plain floats: on ~10 bins each numpy call would cost more than the arithmetic.
-        count = sum(n)
+    def _evaluate(
+        self,
+        count: float,
+        e_total: float,
+        o_total: float,
+        gap: float,
+        v_total: float,
+        hl: float,
+        k: int,
+    ) -> None:
+        """Finish the statistics of the window from its totals and sums over bins.
+
+        ``gap``, ``v_total`` and ``hl`` sum, over the bins with ``n_b > 0``, ``|o_b - e_b|``,
+        ``v_b = e_b (1 - e_b / n_b)`` and ``(o_b - e_b)^2 / v_b`` (both where ``v_b > 0``,
+        ``k`` such bins). Plain floats: on ~10 bins each numpy call would cost more than the
+        arithmetic.
+        """
         self._count = round(count)
-        if count == 0:
+        if count == 0.0:
             self._set_level(self._in_alarm)
             return
-        gap = e_total = o_total = v_total = hl = 0.0
-        k = 0
-        for nb, eb, ob in zip(n, e, o, strict=True):
-            e_total += eb
-            o_total += ob
-            if nb > 0:
-                d = ob - eb
-                gap += abs(d)
-                v = eb * (1.0 - eb / nb)
-                if v > 0:
-                    v_total += v
-                    hl += d * d / v
-                    k += 1
         self._ece = gap / count
         self._bias = (e_total - o_total) / count
         if k:
-            p_hl = chi2_sf(hl, k)
-            z = (o_total - e_total) / math.sqrt(v_total)
-            p_bias = math.erfc(abs(z) / _SQRT2)
-            self._p_value = min(1.0, 2.0 * min(p_hl, p_bias))
+            p_hl = chi2_sf_int(hl, k)
+            z = (o_total - e_total) / _sqrt(v_total)
+            p_bias = _erfc(abs(z) / _SQRT2)
+            p = 2.0 * (p_bias if p_bias < p_hl else p_hl)  # min(1, 2 min(p_hl, p_bias))
+            p = self._p_value = p if p < 1.0 else 1.0
         else:
-            self._p_value = 1.0
-        score = self.score
+            p = self._p_value = 1.0
+        score = _MAX_SCORE if p <= 0.0 else min(_MAX_SCORE, -_log10(p))  # self.score
         if score > self._threshold:
             self._set_level(True)
         elif self._in_alarm:
-            self._set_level(score > self.clear_fraction * self._threshold)
+            self._set_level(score > self._clear_threshold)
         else:
             self._set_level(False)
 
@@ -260,7 +373,9 @@ class CalibrationDrift(_EdgeAlarm):
                 "window_intervals": self.window_intervals,
                 "clear_fraction": self.clear_fraction,
             },
-            "window": [[list(r) for r in rows] for rows in self._window],
+            "window": [[list(col) for col in row] for row in self._window],
+            # The newest `front` intervals are the block summed as they arrived (`_update_window`).
+            "front": len(self._window) - len(self._suffix),
             "ece": self._ece,
             "bias": self._bias,
             "p_value": self._p_value,
@@ -272,7 +387,21 @@ class CalibrationDrift(_EdgeAlarm):
     def from_state(cls, state: dict) -> CalibrationDrift:
         """Rebuild a detector from ``to_state()``."""
         det = cls(**state["params"])
-        det._window = [[[float(v) for v in r] for r in rows] for rows in state["window"]]
+        window = det._window = [
+            tuple([float(v) for v in col] for col in row) for row in state["window"]
+        ]
+        # States written before the two blocks have no "front": their window is one block,
+        # summed oldest first, the order their window total was computed in.
+        front = int(state.get("front", len(window)))
+        if not 0 <= front <= len(window):
+            raise ValueError(f"front must be in [0, {len(window)}], got {front}")
+        if det.window_intervals > 1:
+            back = len(window) - front
+            det._suffix = _suffix_sums(window[:back]) if back else []
+            for row in window[back:]:
+                det._front = tuple(
+                    list(map(_add, f, r)) for f, r in zip(det._front, row, strict=True)
+                )
         det._ece = float(state["ece"])
         det._bias = float(state["bias"])
         det._p_value = float(state["p_value"])

@@ -129,3 +129,232 @@ def test_chi2_sf_matches_scipy():
             if expect > 1e-280:
                 assert chi2_sf(x, df) == pytest.approx(expect, rel=1e-12), (df, x)
     assert chi2_sf(0.0, 3) == 1.0
+
+
+# -- the sliding window and the fast checks ------------------------------------------------
+
+
+def calibration_stream(rng, steps, n_bins=10):
+    """Seeded intervals: a calibrated model, an over-predicting spell, empty intervals, bins
+    holding only predictions of exactly 0 or 1, and sizes from 0 to 5,000 labels."""
+    for t in range(steps):
+        m = int(rng.choice([0, 3, 40, 300, 5000]))
+        p = rng.beta(2, 5, m) if t % 17 else rng.choice([0.0, 1.0, 0.95], m)
+        truth = p * (0.8 if (t // 60) % 3 == 2 else 1.0)
+        counts, psum, ysum = bin_predictions(p, rng.random(m) < truth, n_bins=n_bins)
+        # numpy arrays (int counts) and plain lists, as callers pass either
+        yield (counts, psum, ysum) if t % 2 else tuple(np.asarray(v) for v in (counts, psum, ysum))
+
+
+def reference_results(window, threshold, clear_fraction, state):
+    """The statistics straight from their definition, on np.sum of the window (scipy p-values),
+    and the edge-triggered alarm; ``state`` carries (in_alarm,) between calls."""
+    n, e, o = np.sum(np.asarray(window, dtype=float), axis=0)
+    count = n.sum()
+    if count == 0:
+        return None
+    nz = n > 0
+    v = np.zeros_like(e)
+    v[nz] = e[nz] * (1 - e[nz] / n[nz])
+    ok = v > 0
+    k = int(ok.sum())
+    p = 1.0
+    if k:
+        hl = np.sum((o[ok] - e[ok]) ** 2 / v[ok])
+        z = (o.sum() - e.sum()) / math.sqrt(v[ok].sum())
+        p = min(1.0, 2 * min(stats.chi2.sf(hl, k), 2 * stats.norm.sf(abs(z))))
+    score = 300.0 if p <= 0 else min(300.0, -math.log10(p))
+    level = score > threshold or (state[0] and score > clear_fraction * threshold)
+    alarm = level and not state[0]
+    state[0] = level
+    return {
+        "count": round(count),
+        "ece": np.abs(e - o).sum() / count,
+        "bias": (e.sum() - o.sum()) / count,
+        "p_value": p,
+        "alarm": alarm,
+        "in_alarm": level,
+    }
+
+
+@pytest.mark.parametrize("window_intervals", [1, 2, 5, 12])
+def test_running_window_matches_the_definition_at_every_step(window_intervals):
+    # The window is kept as two blocks of partial sums (no full re-sum per update): at every
+    # step the statistics equal the definition on np.sum of the last intervals, the alarms are
+    # the same, and the window totals are exact where the inputs are integers.
+    rng = np.random.default_rng(20 + window_intervals)
+    det = CalibrationDrift(expected_run_length=1000, window_intervals=window_intervals)
+    recent, state, alarms = [], [False], 0
+    for counts, psum, ysum in calibration_stream(rng, 700):
+        det.update(counts, psum, ysum)
+        recent = [*recent, [list(counts), list(psum), list(ysum)]][-window_intervals:]
+        expect = reference_results(recent, det.threshold, det.clear_fraction, state)
+        if expect is None:
+            continue
+        assert det.count == expect["count"]
+        assert det.ece == pytest.approx(expect["ece"], rel=1e-12, abs=1e-15)
+        assert det.bias == pytest.approx(expect["bias"], abs=1e-13)
+        assert det.p_value == pytest.approx(expect["p_value"], rel=1e-9, abs=1e-300)
+        assert (det.alarm, det.in_alarm) == (expect["alarm"], expect["in_alarm"])
+        alarms += det.alarm
+        if window_intervals > 1:
+            older = det._suffix[0] if det._suffix else [0.0] * 30
+            totals = [
+                a + b
+                for a, b in zip(
+                    older, [*det._front[0], *det._front[1], *det._front[2]], strict=True
+                )
+            ]
+            exact = np.sum(np.asarray(recent, dtype=float), axis=0).ravel()
+            assert totals[:10] == exact[:10].tolist()  # counts: integers, exact
+            assert totals[20:] == exact[20:].tolist()  # outcomes: integers, exact
+            assert totals[10:20] == pytest.approx(exact[10:20], rel=1e-14, abs=0)
+    assert alarms > 0  # the stream does trip it
+
+
+def test_two_blocks_hold_the_sums_of_their_rows():
+    rng = np.random.default_rng(30)
+    det = CalibrationDrift(window_intervals=5)
+    for step, batch in enumerate(calibration_stream(rng, 40)):
+        det.update(*batch)
+        window = [n + e + o for n, e, o in det._window]
+        back = len(det._suffix)
+        for j, s in enumerate(det._suffix):  # from each older row to the block's end
+            block = np.asarray(window[j:back])
+            assert s == pytest.approx(block.sum(axis=0), rel=1e-15, abs=0), step
+        front = [*det._front[0], *det._front[1], *det._front[2]]
+        assert front == pytest.approx(np.sum(window[back:], axis=0), rel=1e-15, abs=0)
+
+
+@pytest.mark.parametrize("window_intervals", [1, 3, 4])
+@pytest.mark.parametrize("cut", [0, 1, 3, 4, 5, 7, 8, 9])
+def test_state_round_trip_at_any_point_of_the_blocks(window_intervals, cut):
+    rng = np.random.default_rng(40)
+    batches = list(calibration_stream(rng, 30))
+    a = CalibrationDrift(expected_run_length=100, window_intervals=window_intervals)
+    for b in batches[:cut]:
+        a.update(*b)
+    twin = CalibrationDrift.from_state(json.loads(json.dumps(a.to_state(), allow_nan=False)))
+    assert twin.to_state() == a.to_state()
+    for b in batches[cut:]:
+        a.update(*b)
+        twin.update(*b)
+        assert twin.to_dict() == a.to_dict()  # bit for bit
+        assert twin.to_state() == a.to_state()
+
+
+# A state written before the window was kept as two blocks (no "front"), and the results the
+# code of that time gave on the next five intervals.
+OLD_STATE = {
+    "params": {
+        "expected_run_length": 100.0,
+        "n_bins": 4,
+        "window_intervals": 3,
+        "clear_fraction": 0.5,
+    },
+    "window": [
+        [
+            [97.0, 109.0, 112.0, 82.0],
+            [14.835782498493726, 41.3689973995707, 70.149805063635, 69.42953289760442],
+            [8.0, 40.0, 76.0, 72.0],
+        ],
+        [
+            [94.0, 111.0, 109.0, 86.0],
+            [13.668361133995406, 41.45096828706635, 67.97149016162732, 72.03317896495426],
+            [14.0, 38.0, 74.0, 75.0],
+        ],
+        [
+            [87.0, 115.0, 110.0, 88.0],
+            [13.394433854536555, 44.20668257032575, 69.40143189149934, 74.89082544868714],
+            [10.0, 56.0, 74.0, 81.0],
+        ],
+    ],
+    "ece": 0.03749638733504618,
+    "bias": -0.020998758190003363,
+    "p_value": 0.05482977608279096,
+    "count": 1200,
+    "alarm": False,
+    "in_alarm": False,
+    "n_alarms": 0,
+}
+OLD_NEXT = [
+    [
+        [71, 119, 115, 95],
+        [11.05950231417095, 44.03529049022019, 71.5132799650765, 81.26894592487602],
+        [7.0, 41.0, 66.0, 83.0],
+    ],
+    [
+        [81, 129, 103, 87],
+        [12.784108818348818, 48.914154887472456, 64.85948368840486, 75.27022785022702],
+        [10.0, 42.0, 52.0, 59.0],
+    ],
+    [
+        [99, 114, 101, 86],
+        [15.016997288643102, 42.23794076009582, 62.65716408740321, 73.39562703162115],
+        [12.0, 38.0, 48.0, 60.0],
+    ],
+    [
+        [79, 132, 106, 83],
+        [11.555317074107666, 49.049758870095324, 66.86805335436948, 70.16468346173973],
+        [7.0, 46.0, 62.0, 60.0],
+    ],
+    [
+        [85, 109, 122, 84],
+        [13.218216728541142, 40.474426728953446, 76.44261913884534, 72.2509474993825],
+        [15.0, 29.0, 70.0, 58.0],
+    ],
+]
+OLD_RESULTS = [
+    (False, False, 1200, 0.4581053867329704),
+    (False, False, 1200, 0.08408776816356436),
+    (True, True, 1200, 1.4077704443311371e-08),
+    (False, True, 1200, 4.743698292285719e-14),
+    (False, True, 1200, 9.119207824267731e-12),
+]
+
+
+def test_states_written_before_the_two_blocks_still_load():
+    det = CalibrationDrift.from_state(json.loads(json.dumps(OLD_STATE)))
+    assert det.to_state()["front"] == 3  # the old window is one block, summed oldest first
+    for batch, (alarm, in_alarm, count, p_value) in zip(OLD_NEXT, OLD_RESULTS, strict=True):
+        det.update(*batch)
+        assert (det.alarm, det.in_alarm, det.count) == (alarm, in_alarm, count)
+        assert det.p_value == pytest.approx(p_value, rel=1e-12)
+
+
+@pytest.mark.parametrize("window_intervals", [1, 3])
+@pytest.mark.parametrize(
+    ("counts", "psum", "ysum", "match"),
+    [
+        ([1, 1], [0.5, float("nan")], [0, 0], "finite"),
+        ([1, float("inf")], [0.5, 0.5], [0, 0], "finite"),
+        ([1e308, 1e308], [0.5, 0.5], [0, 0], "finite"),  # the total overflows
+        ([1, 1], [-0.5, 0.5], [0, 0], "finite"),
+        ([1, -1], [0.5, 0.0], [0, 0], "finite"),
+        ([1, 0], [0.5, 0.5], [0, 0], "exceed"),  # an empty bin with a prediction sum
+        ([1, 1], [0.5, 0.5], [0, 2], "exceed"),
+        ([1, 1, 1], [0.5, 0.5, 0.5], [0, 0, 0], "n_bins=2"),
+    ],
+)
+def test_rejected_input_is_named_and_leaves_the_detector_as_it_was(
+    window_intervals, counts, psum, ysum, match
+):
+    det = CalibrationDrift(n_bins=2, window_intervals=window_intervals)
+    for _ in range(window_intervals):  # a full window: the next update starts a new block
+        det.update([10, 10], [2.0, 7.0], [3, 6])
+    before = det.to_state()
+    with pytest.raises(ValueError, match=match):
+        det.update(counts, psum, ysum)
+    with pytest.raises(ValueError, match=match):
+        det.update(*(np.asarray(v, dtype=float) for v in (counts, psum, ysum)))
+    assert det.to_state() == before
+    det.update([10, 10], [2.0, 7.0], [3, 6])
+    assert det._window[-1] == ([10.0, 10.0], [2.0, 7.0], [3.0, 6.0])
+
+
+def test_chi2_sf_int_is_chi2_sf():
+    from armguard.detectors._calibration import chi2_sf, chi2_sf_int
+
+    for k in range(1, 201):
+        for x in [0.0, -1.0, *np.geomspace(1e-6, 1500, 40).tolist()]:
+            assert chi2_sf_int(x, k) == chi2_sf(x, k)
