@@ -23,6 +23,8 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+from collections import deque
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,6 +285,67 @@ class Engine:
         self, value: bytes, *, topic: str, partition: int, offset: int
     ) -> list[Output]:
         """Merge one summary record and evaluate; returns the events and decisions to publish."""
+        return self.apply_summaries([(value, topic, partition, offset)])[0]
+
+    def apply_summaries(self, records: Sequence[tuple[bytes, str, int, int]]) -> list[list[Output]]:
+        """:meth:`apply_summary` for a run of ``(value, topic, partition, offset)`` records.
+
+        Returns each record's outputs, in record order, exactly as applying the records one by
+        one would. Each experiment's records are applied strictly in order; experiments are
+        independent, so they advance together in *waves*: every experiment's next record runs
+        until its treatment-against-control drift detectors need updating, the updates of the
+        whole wave are computed in one vectorised pass (``TwoSampleDrift.update_many``, whose
+        result for a detector does not depend on the rest of the batch, bit for bit), then the
+        records finish and the experiments' next records start. Thousands of experiments tick at
+        the same event-time boundaries, so a flush of the summaries topic takes a few waves.
+        Commands are not batched: pass only runs of summary records between two commands.
+        """
+        outputs: list[list[Output]] = [[] for _ in records]
+        steps: dict[int, Generator[Any, None, list[Output]]] = {}
+        experiment_of: dict[int, str] = {}
+        queues: dict[str, deque[int]] = {}
+        for i, (value, topic, partition, offset) in enumerate(records):
+            gen = self._summary_steps(value, topic=topic, partition=partition, offset=offset)
+            try:
+                experiment_of[i] = next(gen)  # decoded and validated; nothing merged yet
+            except StopIteration as done:
+                outputs[i] = done.value
+                continue
+            steps[i] = gen
+            queues.setdefault(experiment_of[i], deque()).append(i)
+        running = [q.popleft() for q in queues.values()]
+        while running:
+            waiting: list[int] = []
+            wave: dict[type, tuple[list[Any], list[Any]]] = {}
+            k = 0
+            while k < len(running):  # grows as finished records hand over to the next ones
+                i = running[k]
+                k += 1
+                try:
+                    wanted = next(steps[i])
+                except StopIteration as done:
+                    outputs[i] = done.value
+                    del steps[i]
+                    queue = queues[experiment_of[i]]
+                    if queue:
+                        running.append(queue.popleft())
+                    continue
+                waiting.append(i)
+                for det, pair in wanted:
+                    dets, pairs = wave.setdefault(type(det), ([], []))
+                    dets.append(det)
+                    pairs.append(pair)
+            for cls, (dets, pairs) in wave.items():
+                cls.update_many(dets, pairs)
+            running = waiting
+        return outputs
+
+    def _summary_steps(
+        self, value: bytes, *, topic: str, partition: int, offset: int
+    ) -> Generator[Any, None, list[Output]]:
+        """One summary record, as a generator: yields the experiment id once decoded, then the
+        ``(detector, (treatment, control))`` drift updates it needs (the caller performs them),
+        and returns the outputs."""
         try:
             rec = orjson.loads(value)
             experiment = rec["experiment"]
@@ -304,6 +367,7 @@ class Engine:
         if st is None:
             self.counters["summaries_unknown_experiment"] += 1
             return []
+        yield experiment
         self.counters["summaries"] += 1
         for arm, data in incoming.items():
             st.arms.setdefault(arm, ArmData()).merge_in(data)
@@ -323,9 +387,9 @@ class Engine:
         if isinstance(max_ts, int | float) and math.isfinite(max_ts):
             st.last_ts = max(st.last_ts or max_ts, float(max_ts))
         self.dirty.add(experiment)
-        return self._evaluate(st)
+        return (yield from self._evaluate(st))
 
-    def _evaluate(self, st: ExperimentState) -> list[Output]:
+    def _evaluate(self, st: ExperimentState) -> Generator[Any, None, list[Output]]:
         out: list[Output] = []
         for r in st.runners.values():
             if r.sequential:
@@ -337,9 +401,17 @@ class Engine:
             if st.next_tick is None:
                 st.next_tick = (math.floor(st.last_ts / self.interval_s) + 1) * self.interval_s
             elif st.last_ts >= st.next_tick:
+                wanted, started = [], []
                 for r in st.runners.values():
                     if not r.sequential:
-                        r.evaluate_interval(st.interval, st.arms, st.next_tick)
+                        pair = r.start_interval(st.interval, st.arms, st.next_tick)
+                        if pair is not None:
+                            wanted.append((r.detector, pair))
+                            started.append(r)
+                if wanted:
+                    yield wanted  # the caller updates these detectors, batched across experiments
+                    for r in started:
+                        r.finish_interval()
                 st.interval = {}
                 st.next_tick = (math.floor(st.last_ts / self.interval_s) + 1) * self.interval_s
         for r in st.runners.values():

@@ -232,6 +232,21 @@ class GuardrailRunner:
         self, interval: dict[str, ArmData], cumulative: dict[str, ArmData], t: float
     ) -> None:
         """Drift and anomaly: run once per evaluation interval (event time ``t``)."""
+        pair = self.start_interval(interval, cumulative, t)
+        if pair is not None:
+            type(self.detector).update_many([self.detector], [pair])
+            self.finish_interval()
+
+    def start_interval(
+        self, interval: dict[str, ArmData], cumulative: dict[str, ArmData], t: float
+    ) -> tuple[Summary, Summary] | None:
+        """:meth:`evaluate_interval` up to the detector's update, for batching.
+
+        A treatment-against-control drift guardrail with data in both arms returns its
+        ``(treatment, control)`` pair: the caller updates the detector (many of them at once,
+        ``TwoSampleDrift.update_many``, which gives the same result whatever the batch) and then
+        calls :meth:`finish_interval`. Every other guardrail is evaluated here (None returned).
+        """
         g, st = self.g, self.status
         treat_cum = cumulative.get(self.arm)
         n_t = (
@@ -253,34 +268,39 @@ class GuardrailRunner:
             x = t_int.get(g.source, g.metric) if t_int else None  # type: ignore[arg-type]
             if c is None or x is None or c.count == 0 or x.count == 0:
                 st.level = "inconclusive" if self.streak == 0 else st.level
-                return
-            self.detector.update(x, c)
-        elif g.test == "drift":
+                return None
+            return x, c
+        if g.test == "drift":
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
             if s is None or s.count == 0:
-                return
+                return None
             self.detector.update(s)
         elif g.test == "change":
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
             if s is None or s.count == 0:
-                return
+                return None
             self.detector.update(s.mean)
         else:
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
             if s is None or s.count == 0:
-                return
+                return None
             self.detector.update(s.mean, t)
-        det = self.detector
+        self.finish_interval()
+        return None
+
+    def finish_interval(self) -> None:
+        """The level from the detector's alarm, after its update for this interval."""
+        g, st, det = self.g, self.status, self.detector
         st.method = type(det).__name__
         st.score, st.threshold = det.score, det.threshold
         alarmed = bool(det.in_alarm)
         self.streak = self.streak + 1 if alarmed else 0
         st.streak = self.streak
-        if n_t < g.min_samples or (
-            g.test == "drift" and g.mode == "control" and n_c < g.min_samples
+        if st.n_treatment < g.min_samples or (
+            g.test == "drift" and g.mode == "control" and st.n_control < g.min_samples
         ):
             st.level = "inconclusive"
         elif self.streak >= g.consecutive:

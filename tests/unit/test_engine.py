@@ -374,3 +374,100 @@ def test_stashed_snapshots_restore_lazily_to_the_same_decisions(config):
     assert second.experiment_ids() == ["ranker"] and not second.states
     got += [(o.kind, o.value) for o in run(second, recs[10:], start=10) if o.kind != "state"]
     assert got == expected and not second.pending
+
+
+# -- batched evaluation: apply_summaries ------------------------------------------------------
+
+MANY_DRIFT_CONFIG = "experiments:\n" + "".join(
+    f"""
+  - id: exp{i}
+    control: control
+    arms: {{control: 0.34, t1: 0.33, t2: 0.33}}
+    srm: {{enabled: false}}
+    guardrails:
+      - {{metric: f, source: feature, test: drift, mode: control, consecutive: 2,
+         min_samples: 200, action: pause, expected_run_length: {20 if i % 3 == 0 else 10000}}}
+      - {{name: f-ks, metric: f, source: feature, test: drift, mode: control, consecutive: 1,
+         min_samples: 200, action: alert, expected_run_length: 50}}
+      - {{name: f-ref, metric: f, source: feature, test: drift, mode: reference, min_samples: 200,
+         action: alert}}
+      - {{metric: latency_ms, test: anomaly, min_samples: 200, action: alert}}
+"""
+    for i in range(8)
+)
+
+
+def many_experiment_records(seed, n_batches):
+    """Interleaved summary records of 8 experiments (some skip batches, a few arms shift)."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for b in range(n_batches):
+        for i in rng.permutation(8):
+            for _ in range(int(rng.integers(0, 3))):  # 0-2 records of this experiment
+                arms = {}
+                for arm in ("control", "t1", "t2"):
+                    if rng.random() < 0.1:
+                        continue  # an arm without data this time
+                    n = int(rng.integers(20, 300))
+                    shift = 1.4 if arm == "t1" and i % 2 and b > n_batches // 2 else 1.0
+                    f = Summary.from_values(rng.lognormal(3.0, 0.5, n) * shift)
+                    lat = Summary.from_values(rng.lognormal(4.0, 0.3, n))
+                    arms[arm] = {
+                        "count": n,
+                        "metrics": {"latency_ms": lat.to_state()},
+                        "features": {"f": f.to_state()},
+                    }
+                t = 1_764_300_000.0 + b * 4 + float(rng.uniform(0, 4))
+                doc = {"v": 1, "experiment": f"exp{i}", "offsets": [], "span": {"max_ts": t}}
+                recs.append(orjson.dumps({**doc, "arms": arms}))
+        if b % 7 == 3:
+            recs.append(b"{not json")  # invalid records are counted and skipped in place
+            recs.append(orjson.dumps({"experiment": "nobody", "arms": {}}))
+    return recs
+
+
+def test_apply_summaries_equals_applying_records_one_by_one():
+    config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
+    recs = many_experiment_records(40, n_batches=40)
+    one_by_one = engine_for(config)
+    expected = []
+    for off, value in enumerate(recs):
+        outs = one_by_one.apply_summary(value, topic="s", partition=0, offset=off)
+        expected.append([(o.kind, o.key, o.value) for o in outs])
+    snaps = [(o.key, o.value) for o in one_by_one.snapshots()]
+    assert sum(k == "killswitch" for outs in expected for k, _, _ in outs) >= 2
+    assert sum(k == "decisions" for outs in expected for k, _, _ in outs) >= 10
+    rng = np.random.default_rng(41)
+    for sizes in ([len(recs)], [1] * 50 + [len(recs)], rng.integers(1, 60, 200).tolist()):
+        batched = engine_for(config)
+        got, start = [], 0
+        for size in sizes:
+            run_ = [(v, "s", 0, start + j) for j, v in enumerate(recs[start : start + size])]
+            got += [
+                [(o.kind, o.key, o.value) for o in outs] for outs in batched.apply_summaries(run_)
+            ]
+            start += size
+            if start >= len(recs):
+                break
+        assert got == expected
+        assert [(o.key, o.value) for o in batched.snapshots()] == snaps
+        assert batched.counters == one_by_one.counters
+
+
+def test_apply_summaries_batches_drift_updates_across_experiments(monkeypatch):
+    from armguard.detectors.two_sample_drift import TwoSampleDrift
+
+    sizes = []
+    original = TwoSampleDrift.update_many.__func__
+
+    def spy(cls, detectors, pairs, **kw):
+        sizes.append(len(detectors))
+        return original(cls, detectors, pairs, **kw)
+
+    monkeypatch.setattr(TwoSampleDrift, "update_many", classmethod(spy))
+    config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
+    engine = engine_for(config)
+    recs = many_experiment_records(42, n_batches=12)
+    engine.apply_summaries([(v, "s", 0, i) for i, v in enumerate(recs)])
+    # 8 experiments x 2 treatments x 2 control-mode guardrails tick together.
+    assert max(sizes) >= 16 and sum(sizes) >= 100
