@@ -199,3 +199,154 @@ def test_invalid_params_are_named(kw):
 def test_non_finite_input_is_rejected():
     with pytest.raises(ValueError, match="finite"):
         SeasonalZScore().update(1.0, float("nan"))
+
+
+class PlainSeasonalZScore(SeasonalZScore):
+    """The update as first written (method calls, builtin min/max, properties): the reference
+    the flat, local-variable update must reproduce bit for bit."""
+
+    def update(self, x, t):
+        x = float(x)
+        t = float(t)
+        if not (math.isfinite(x) and math.isfinite(t)):
+            raise ValueError("x and t must be finite")
+        if self._t0 is None:
+            self._t0 = t
+            self._level = x
+        self._n += 1
+        n = self._n
+        nb = self.season_bins
+        if nb:
+            pos = (t % self.period_s) / self.period_s * nb - 0.5
+            fl = math.floor(pos)
+            w = pos - fl
+            b0 = int(fl) % nb
+            b1 = (b0 + 1) % nb
+            seas = (1.0 - w) * self._season[b0] + w * self._season[b1]
+        else:
+            seas = w = 0.0
+            b0 = b1 = 0
+        r = x - self._level - seas
+        pred = self._phi * self._prev
+        e = r - pred
+        sigma = math.sqrt(self._var)
+        if sigma < self.min_scale and n > 10:
+            sigma = self.min_scale
+        clip = self.clip
+        if sigma > 0.0:
+            z = e / sigma
+            zc = z if -clip <= z <= clip else math.copysign(clip, z)
+        else:
+            z = zc = 0.0
+        self._z = z
+        armed = t - self._t0 >= self.warmup_s and sigma > 0.0
+        threshold = self.threshold
+        spike = armed and abs(z) > threshold
+        shifted = suspicious = False
+        if armed:
+            self._up = max(0.0, self._up + zc - self._k)
+            self._down = max(0.0, self._down - zc - self._k)
+            if self._up > self._h or self._down > self._h:
+                shifted = True
+                self._level += r
+                self._prev = 0.0
+                self._up = self._down = 0.0
+            suspicious = max(self._up, self._down) > 0.5 * self._h
+        if not (shifted or suspicious):
+            self._plain_learn(n, e, pred, zc, sigma, w, b0, b1, nb)
+            if not spike:
+                self._prev = r
+            if sigma > 0.0 and not spike and t - self._t0 >= 0.5 * self.warmup_s:
+                az = abs(z)
+                exceed = az > clip
+                self._n_tail += 1
+                self._q += max(0.001, 1.0 / self._n_tail) * (exceed - self._q)
+                if exceed:
+                    self._n_exceed += 1
+                    step = max(0.02, 1.0 / self._n_exceed)
+                    self._hill += step * (math.log(az / clip) - self._hill)
+        elif suspicious:
+            self._prev = pred + (zc * sigma)
+        if spike:
+            self._n_spikes += 1
+        if shifted:
+            self._n_level_shifts += 1
+        if spike or shifted:
+            if not self._in_alarm:
+                self._kind = "level_shift" if shifted else "spike"
+            elif shifted:
+                self._kind = "level_shift"
+            self._calm = 0
+            self._set_level(True)
+        elif self._in_alarm:
+            self._calm += 1
+            self._set_level(self._calm < self.clear_after)
+        else:
+            self._set_level(False)
+
+    def _plain_learn(self, n, e, pred, zc, sigma, w, b0, b1, nb):
+        clip = self.clip
+        started = sigma > 0.0 and n > 10
+        e_clean = zc * sigma if started else e
+        r_clean = pred + e_clean
+        rate = max(self.scale_rate, 1.0 / n)
+        if started:
+            floor = max(self._var, self.min_scale * self.min_scale)
+            self._var += rate * (min(e * e, clip * clip * floor) / self._kappa - self._var)
+        else:
+            self._var += rate * (e * e - self._var)
+        self._c0 += rate * (r_clean * r_clean - self._c0)
+        self._c1 += rate * (r_clean * self._prev - self._c1)
+        if self._c0 > 0.0:
+            self._phi = min(0.95, max(0.0, self._c1 / self._c0))
+        level_step = max(self.level_rate, 1.0 / n)
+        self._level += level_step * r_clean
+        if nb:
+            rest = (1.0 - level_step) * r_clean
+            for b, wb in ((b0, 1.0 - w), (b1, w)):
+                if wb > 0.0:
+                    self._visits[b] += wb
+                    g = max(self.season_rate * wb, wb / self._visits[b])
+                    self._season[b] += g * rest
+        self._prev = r_clean
+
+
+@pytest.mark.parametrize(
+    ("kw", "phi", "df"),
+    [
+        ({}, 0.5, None),
+        ({}, 0.0, 3),  # heavy tail: the Pareto spike threshold
+        ({"season_bins": 0}, 0.8, None),
+        ({"season_bins": 2, "clip": 2.0, "shift": 1.0, "clear_after": 3}, 0.3, None),
+        ({"period_s": 3600.0, "season_bins": 7, "level_rate": 0.1, "scale_rate": 0.05}, 0.5, 2),
+        ({"warmup_s": 0.0, "expected_run_length": 100.0}, 0.9, None),
+    ],
+)
+def test_update_is_the_plain_update_bit_for_bit(kw, phi, df):
+    rng = np.random.default_rng(8)
+    t, x = seasonal_series(rng, 4, phi=phi, df=df)
+    t = t + 12_345.0  # not aligned on the knots
+    spikes = rng.choice(np.arange(2 * DAY + 10, 4 * DAY), size=6, replace=False)  # after warmup
+    x[spikes] += rng.choice([-1, 1], size=6) * rng.uniform(10, 40, size=6)
+    x[int(3.5 * DAY) :] += 8.0
+    fast, plain = SeasonalZScore(**kw), PlainSeasonalZScore(**kw)
+    for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
+        fast.update(xi, ti)
+        plain.update(xi, ti)
+        assert fast.to_state() == plain.to_state(), i
+        assert fast.to_dict() == plain.to_dict(), i
+        if i == 600:  # and after a state round trip
+            fast = SeasonalZScore.from_state(json.loads(json.dumps(fast.to_state())))
+    assert plain.n_alarms > 0
+
+
+def test_sparse_counts_with_min_scale_are_the_plain_update_bit_for_bit():
+    rng = np.random.default_rng(9)
+    t = np.arange(4 * DAY) * STEP
+    x = rng.poisson(0.05, t.size).astype(float)
+    x[3 * DAY] = 6.0
+    fast, plain = SeasonalZScore(min_scale=1.0), PlainSeasonalZScore(min_scale=1.0)
+    for xi, ti in zip(x.tolist(), t.tolist(), strict=True):
+        fast.update(xi, ti)
+        plain.update(xi, ti)
+        assert fast.to_state() == plain.to_state()
