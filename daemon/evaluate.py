@@ -317,32 +317,45 @@ class EvaluateStage:
         items.sort(key=lambda it: (it[1].timestamp, it[0].topic, it[1].offset))
         outputs: list[Output] = []
         offsets: dict[TopicPartition, int] = {}
-        for tp, rec in items:
+        summaries = self.topics.summaries
+        i = 0
+        while i < len(items):
+            tp, rec = items[i]
+            if tp.topic == summaries:
+                # A run of summaries between two commands is applied at once: the drift
+                # detectors of every experiment that ticks in it update in one vectorised pass,
+                # with the decisions of applying the records one by one.
+                j = i + 1
+                while j < len(items) and items[j][0].topic == summaries:
+                    j += 1
+                run = items[i:j]
+                i = j
+                results = self.engine.apply_summaries(
+                    [(r.value or b"", t.topic, p, r.offset) for t, r in run]
+                )
+                for (t, r), outs in zip(run, results, strict=True):
+                    offsets[t] = max(offsets.get(t, 0), r.offset + 1)
+                    outputs.extend(outs)
+                    key = r.key.decode("utf-8", "replace") if r.key else None
+                    if key is not None and key in self.engine.states:
+                        self._owner[key] = p
+                continue
+            i += 1
             offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
-            if tp.topic == self.topics.summaries:
-                outputs.extend(
-                    self.engine.apply_summary(
-                        rec.value or b"", topic=tp.topic, partition=p, offset=rec.offset
-                    )
+            outputs.extend(
+                self.engine.apply_command(
+                    rec.value,
+                    topic=tp.topic,
+                    partition=p,
+                    offset=rec.offset,
+                    timestamp_s=rec.timestamp / 1000.0,
                 )
-                key = rec.key.decode("utf-8", "replace") if rec.key else None
-                if key is not None and key in self.engine.states:
-                    self._owner[key] = p
-            else:
-                outputs.extend(
-                    self.engine.apply_command(
-                        rec.value,
-                        topic=tp.topic,
-                        partition=p,
-                        offset=rec.offset,
-                        timestamp_s=rec.timestamp / 1000.0,
-                    )
-                )
-                for cmd, outcome in self.engine.command_outcomes:
-                    self.metrics.commands.labels(command=cmd, outcome=outcome).inc()
-                self.engine.command_outcomes.clear()
-                for e in self.engine.dirty:
-                    self._owner[e] = p
+            )
+            for cmd, outcome in self.engine.command_outcomes:
+                self.metrics.commands.labels(command=cmd, outcome=outcome).inc()
+            self.engine.command_outcomes.clear()
+            for e in self.engine.dirty:
+                self._owner[e] = p
         outputs.extend(self.engine.snapshots())
         await self._commit(p, outputs, offsets)
         self._next.update(offsets)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -132,17 +133,26 @@ class Replayer:
         flush = acc.drain()
         if flush is None:
             return
+        run = []
         for _key, value in flush.summaries:
-            yield from self.summary(value, partition=0, offset=self._seq)
+            run.append((value, 0, self._seq))
             self._seq += 1
+        yield from self.summary_run(run)
         yield from self.engine.snapshots()
 
     def summary(self, value: bytes, *, partition: int, offset: int) -> Iterator[Output]:
         """Apply one summary record as the evaluate stage would."""
-        self.summaries += 1
-        yield from self.engine.apply_summary(
-            value, topic=self.summaries_topic, partition=partition, offset=offset
+        yield from self.summary_run([(value, partition, offset)])
+
+    def summary_run(self, records: list[tuple[bytes, int, int]]) -> Iterator[Output]:
+        """Apply a run of ``(value, partition, offset)`` summary records (no command between
+        them) as the evaluate stage would: drift updates batched, decisions as one by one."""
+        self.summaries += len(records)
+        runs = self.engine.apply_summaries(
+            [(value, self.summaries_topic, p, off) for value, p, off in records]
         )
+        for outs in runs:
+            yield from outs
 
 
 def iter_jsonl(fh: IO[bytes], progress: _Progress | None = None) -> Iterator[RawRecord]:
@@ -310,20 +320,21 @@ async def _from_kafka(
                     for r in await read_partition(reader, settings.topics.commands, p, None, None)
                 ]
                 items.sort(key=lambda it: it[:3])
-                for _ts, t, off, r in items:
-                    if t == topic:
-                        outs = rep.summary(r.value or b"", partition=p, offset=off)
-                    else:
-                        outs = iter(
-                            rep.engine.apply_command(
-                                r.value,
-                                topic=t,
-                                partition=p,
-                                offset=off,
-                                timestamp_s=r.timestamp / 1000.0,
-                            )
+                # Runs of summaries between commands are applied at once, as live.
+                for is_summary, group in itertools.groupby(items, key=lambda it: it[1] == topic):
+                    if is_summary:
+                        run = [(r.value or b"", p, off) for _ts, _t, off, r in group]
+                        events += _emit(rep.summary_run(run), args.decisions, out)
+                        continue
+                    for _ts, t, off, r in group:
+                        outs = rep.engine.apply_command(
+                            r.value,
+                            topic=t,
+                            partition=p,
+                            offset=off,
+                            timestamp_s=r.timestamp / 1000.0,
                         )
-                    events += _emit(outs, args.decisions, out)
+                        events += _emit(outs, args.decisions, out)
             else:
                 raw = [RawRecord(r.offset, r.value, r.key, r.timestamp) for r in records]
                 events += _emit(
