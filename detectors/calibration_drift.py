@@ -210,18 +210,18 @@ class CalibrationDrift(_EdgeAlarm):
         suffix = self._suffix
         front = self._front
         full = len(window) == self.window_intervals
-        if full and not suffix:
-            suffix = _suffix_sums(window)
-            front = self._zeros
-        if full:
-            older = suffix[1] if len(suffix) > 1 else None
-        else:
-            older = suffix[0] if suffix else None
-        if older is None:
-            older = self._zeros
-        else:
+        if full:  # the oldest interval leaves (committed below, once the new one is checked)
+            if suffix:
+                suffix = suffix[1:]
+            else:  # the newer block becomes the older one, less the leaving interval
+                suffix = _suffix_sums(window[1:])
+                front = self._zeros
+        if suffix:
             b = self.n_bins
+            older = suffix[0]
             older = (older[:b], older[b : 2 * b], older[2 * b :])
+        else:
+            older = self._zeros
         # One pass: check the new interval, add it to the newer block, total the window and
         # its statistics (in bin order, as sum() would add them).
         new_n = []
@@ -256,7 +256,6 @@ class CalibrationDrift(_EdgeAlarm):
             self._reject(*raw)
         if full:
             del window[0]
-            del suffix[0]
             self._suffix = suffix
         window.append((n, e, o))
         self._front = (new_n, new_e, new_o)
