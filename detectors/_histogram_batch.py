@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from ._calibration import KOLMOGOROV_MEAN, chi2_isf, kolmogorov_isf
-from .histogram_distance import _KERNELS, DISTANCES, _histogram_of, align
+from .histogram_distance import _KERNELS, DISTANCES, _chi2_scaled, _histogram_of, _key_pair, align
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CHUNK = 128
+_FAR = 1 << 60  # beyond any bucket key
 _KEEP = 1 << 22  # a scratch buffer larger than this (32 MiB, very wide layouts) is not kept
 
 
@@ -143,7 +144,10 @@ def _batch(
     n_off, n_len, zero, p_off, p_len = (meta[:, :, i] for i in range(5))
     # The layout of each pair (see histogram_distance._key_layout): negative keys nlo..nhi-1
     # (largest first), the zero bucket at ln, positive keys plo..phi-1 after it.
-    _, nhi, ln = _span(n_off, n_len)
+    if n_len.any():
+        _, nhi, ln = _span(n_off, n_len)
+    else:  # the common case: no negative values
+        nhi = ln = np.zeros(k_pairs, dtype=np.int64)
     plo, _, lp = _span(p_off, p_len)
     sizes = ln + 1 + lp
     seg = np.zeros(k_pairs + 1, dtype=np.int64)  # segment k spans [seg[k], seg[k + 1])
@@ -220,10 +224,11 @@ def _batch(
 def _span(off: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: lowest key, one past the highest and the width of both sides' stores."""
     has = length > 0
-    big = np.iinfo(np.int64).max // 4
-    lo = np.where(has, off, big).min(axis=1)
-    hi = np.where(has, off + length, -big).max(axis=1)
-    some = has.any(axis=1)
+    lo = np.where(has, off, _FAR)
+    hi = np.where(has, off + length, -_FAR)
+    lo = np.minimum(lo[:, 0], lo[:, 1])
+    hi = np.maximum(hi[:, 0], hi[:, 1])
+    some = hi > lo  # else neither side has a bucket of this sign
     lo = np.where(some, lo, 0)
     hi = np.where(some, hi, 0)
     return lo, hi, hi - lo
@@ -318,11 +323,14 @@ def _coarse_distances(
 
 def _chi2_isf_many(alpha: np.ndarray, df: np.ndarray) -> np.ndarray:
     """``chi2_isf(alpha, df)`` for every pair, computed once per distinct (alpha, df)."""
-    a_values, a_index = np.unique(alpha, return_inverse=True)
-    span = int(df.max()) + 1 if df.shape[0] else 1
-    keys, inverse = np.unique(a_index * span + df, return_inverse=True)
-    a_list = a_values.tolist()
-    return np.array([chi2_isf(a_list[k // span], k % span) for k in keys.tolist()])[inverse]
+    cache: dict[tuple[float, int], float] = {}
+    out = []
+    for key in zip(alpha.tolist(), df.tolist(), strict=True):
+        v = cache.get(key)
+        if v is None:
+            v = cache[key] = chi2_isf(*key)
+        out.append(v)
+    return np.array(out)
 
 
 def _wasserstein(
@@ -391,13 +399,34 @@ def evaluate_many(
     results: list[tuple[float, float, dict[str, float] | None, Any] | None] = [None] * len(pairs)
     batch: list[int] = []
     hists: list[tuple[Any, Any]] = []
-    for i, (det, (t, c)) in enumerate(zip(detectors, pairs, strict=True)):
+    single: list[int] = []
+    for i, (t, c) in enumerate(pairs):
         ht = _histogram_of(t)
         hc = _histogram_of(c)
         if ht is not None and hc is not None and ht.relative_accuracy == hc.relative_accuracy:
             batch.append(i)
             hists.append((ht, hc))
-            continue
+        else:
+            single.append(i)
+    if len(batch) < _SMALL and not all_distances:
+        # A few pairs: the vectorised pass costs ~100 us of fixed numpy overhead, the pair
+        # alone ~20 us. PSI and KS have single-pair forms bit for bit equal to the batch.
+        few = [i for i in batch if detectors[i].distance in _EXACT]
+        if few:
+            keep = set(few)
+            hists = [h for i, h in zip(batch, hists, strict=True) if i not in keep]
+            batch = [i for i in batch if i not in keep]
+            for i in few:
+                det = detectors[i]
+                pair = _key_pair(*_histogram_pair(pairs[i]))
+                if pair.n and pair.m:
+                    raw, null, thr = _EXACT[det.distance](
+                        pair, 1.0 / det.expected_run_length, det.min_expected, det.max_bins
+                    )
+                    results[i] = (raw - null, thr, None, pair)
+    for i in single:
+        det = detectors[i]
+        t, c = pairs[i]
         pair = align(t, c)
         if pair.n and pair.m:
             alpha = 1.0 / det.expected_run_length
@@ -432,6 +461,31 @@ def evaluate_many(
             dist = {d: corrected[d][j] for d in DISTANCES} if all_distances else None
             results[i] = (corrected[name][j], thresholds[name][j], dist, None)
     return results
+
+
+def _histogram_pair(pair: tuple[Any, Any]) -> tuple[Any, Any]:
+    return _histogram_of(pair[0]), _histogram_of(pair[1])
+
+
+def _psi_exact(
+    pair: Any, alpha: float | None, min_expected: float, max_bins: int
+) -> tuple[float, ...]:
+    """``histogram_distance._psi`` with the batch's arithmetic: ``np.log`` (which may differ
+    from ``math.log`` in the last bit) and the terms summed in order, as ``np.bincount`` does."""
+    cps, cqs = pair.coarse(min_expected, max_bins)
+    k = len(cps)
+    p = (np.array(cps) + 0.5) / (pair.n + 0.5 * k)
+    q = (np.array(cqs) + 0.5) / (pair.m + 0.5 * k)
+    raw = 0.0
+    for term in ((p - q) * np.log(p / q)).tolist():
+        raw += term
+    return _chi2_scaled(raw, 1.0, k, pair.n_eff, alpha)
+
+
+# Single-pair forms whose results equal the batch's bit for bit (KS is a maximum of exact
+# quotients either way); a pair's result must not depend on the size of its batch.
+_EXACT = {"psi": _psi_exact, "ks": _KERNELS["ks"]}
+_SMALL = 8  # below this many batchable pairs, PSI and KS pairs are evaluated one by one
 
 
 def _corrected(pair: Any, name: str, min_expected: float, max_bins: int) -> float:

@@ -526,6 +526,17 @@ def test_a_pairs_batch_result_does_not_depend_on_the_rest_of_the_batch():
         alone = TwoSampleDrift.from_state(specs[i])
         TwoSampleDrift.update_many([alone], [pairs[i]], all_distances=True)
         assert alone.to_state() == together[i].to_state()
+    # Fewer than 8 PSI or KS pairs take a single-pair form of the same arithmetic.
+    for i in range(len(pairs)):
+        alone = TwoSampleDrift.from_state(specs[i])
+        TwoSampleDrift.update_many([alone], [pairs[i]])
+        got = (alone.score, alone.threshold, alone.alarm, alone.in_alarm)
+        assert got == (
+            together[i].score,
+            together[i].threshold,
+            together[i].alarm,
+            together[i].in_alarm,
+        )
     shuffled = [TwoSampleDrift.from_state(s) for s in specs]
     order = rng.permutation(len(pairs))
     TwoSampleDrift.update_many([shuffled[i] for i in order], [pairs[i] for i in order])
