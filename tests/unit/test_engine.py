@@ -426,7 +426,11 @@ def many_experiment_records(seed, n_batches):
     return recs
 
 
-def test_apply_summaries_equals_applying_records_one_by_one():
+@pytest.mark.parametrize("wave", [2, 1024])
+def test_apply_summaries_equals_applying_records_one_by_one(monkeypatch, wave):
+    import armguard.daemon.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_WAVE", wave)  # waves cut mid-run, or one per run
     config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
     recs = many_experiment_records(40, n_batches=40)
     one_by_one = engine_for(config)
