@@ -309,7 +309,9 @@ class CalibrationDrift(_EdgeAlarm):
             p = self._p_value = p if p < 1.0 else 1.0
         else:
             p = self._p_value = 1.0
-        score = _MAX_SCORE if p <= 0.0 else min(_MAX_SCORE, -_log10(p))  # self.score
+        score = _MAX_SCORE if p <= 0.0 else -_log10(p)  # self.score
+        if not score < _MAX_SCORE:
+            score = _MAX_SCORE
         if score > self._threshold:
             self._set_level(True)
         elif self._in_alarm:
