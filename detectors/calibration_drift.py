@@ -203,8 +203,9 @@ class CalibrationDrift(_EdgeAlarm):
         difference: the rounding error of a plain sum, no drift, no cancellation (integer
         counts stay exact, a bin that empties sums to exactly 0), and a function of the rows in
         the window and of where the blocks split, which ``to_state`` records. When the older
-        block is used up the newer one becomes it: ``window_intervals - 1`` row additions every
-        ``window_intervals`` updates instead of all of them every update.
+        block is used up the newer one, less the interval leaving, becomes it: fewer than
+        ``window_intervals`` row additions every ``window_intervals`` updates, instead of all of
+        them every update.
         """
         window = self._window
         suffix = self._suffix
