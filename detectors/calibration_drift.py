@@ -394,6 +394,11 @@ class CalibrationDrift(_EdgeAlarm):
         ]
         # States written before the two blocks have no "front": their window is one block,
         # summed oldest first, the order their window total was computed in.
+        if len(window) > det.window_intervals:
+            raise ValueError(
+                f"window must hold at most window_intervals={det.window_intervals} intervals, "
+                f"got {len(window)}"
+            )
         front = int(state.get("front", len(window)))
         if not 0 <= front <= len(window):
             raise ValueError(f"front must be in [0, {len(window)}], got {front}")

@@ -358,3 +358,11 @@ def test_chi2_sf_int_is_chi2_sf():
     for k in range(1, 201):
         for x in [0.0, -1.0, *np.geomspace(1e-6, 1500, 40).tolist()]:
             assert chi2_sf_int(x, k) == chi2_sf(x, k)
+
+
+def test_inconsistent_states_are_refused():
+    state = json.loads(json.dumps(OLD_STATE))
+    with pytest.raises(ValueError, match="front"):
+        CalibrationDrift.from_state({**state, "front": 4})
+    with pytest.raises(ValueError, match="window_intervals=2"):
+        CalibrationDrift.from_state({**state, "params": {**state["params"], "window_intervals": 2}})
