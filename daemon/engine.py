@@ -414,6 +414,8 @@ class Engine:
         if isinstance(max_ts, int | float) and math.isfinite(max_ts):
             st.last_ts = max(st.last_ts or max_ts, float(max_ts))
         self.dirty.add(experiment)
+        # The decoded record is merged: drop it before a drift wave keeps this frame waiting.
+        rec = arms = incoming = data = parsed = None
         return (yield from self._evaluate(st))
 
     def _evaluate(self, st: ExperimentState) -> Generator[Any, None, list[Output]]:
