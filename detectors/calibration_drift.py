@@ -30,12 +30,12 @@ def _floats(seq: Sequence[float]) -> list[float]:
     return list(map(float, seq))
 
 
-def _suffix_sums(rows: list[_Row]) -> list[list[float]]:
-    """``out[j] = rows[j] + (rows[j + 1] + (... + rows[-1]))`` bin by bin, each row flat."""
-    flat = [n + e + o for n, e, o in rows]
-    out = [flat[-1]]
-    for row in reversed(flat[:-1]):
-        out.append(list(map(_add, row, out[-1])))
+def _suffix_sums(rows: list[_Row]) -> list[_Row]:
+    """``out[j] = rows[j] + (rows[j + 1] + (... + rows[-1]))``, column by column, bin by bin."""
+    out = [rows[-1]]
+    for n, e, o in reversed(rows[:-1]):
+        sn, se, so = out[-1]
+        out.append((list(map(_add, n, sn)), list(map(_add, e, se)), list(map(_add, o, so))))
     out.reverse()
     return out
 
@@ -143,7 +143,7 @@ class CalibrationDrift(_EdgeAlarm):
         self._window: list[_Row] = []
         zeros = [0.0] * n_bins
         self._zeros = (zeros, zeros, zeros)
-        self._suffix: list[list[float]] = []  # flat: counts, prediction sums, outcome sums
+        self._suffix: list[_Row] = []
         self._front = self._zeros
         self._ece = 0.0
         self._bias = 0.0
@@ -217,12 +217,7 @@ class CalibrationDrift(_EdgeAlarm):
             else:  # the newer block becomes the older one, less the leaving interval
                 suffix = _suffix_sums(window[1:])
                 front = self._zeros
-        if suffix:
-            b = self.n_bins
-            older = suffix[0]
-            older = (older[:b], older[b : 2 * b], older[2 * b :])
-        else:
-            older = self._zeros
+        older = suffix[0] if suffix else self._zeros
         # One pass: check the new interval, add it to the newer block, total the window and
         # its statistics (in bin order, as sum() would add them).
         new_n = []

@@ -177,6 +177,11 @@ def reference_results(window, threshold, clear_fraction, state):
     }
 
 
+def flat(row):
+    """An interval or block sum, (counts, prediction sums, outcome sums), as one list."""
+    return [*row[0], *row[1], *row[2]]
+
+
 @pytest.mark.parametrize("window_intervals", [1, 2, 5, 12])
 def test_running_window_matches_the_definition_at_every_step(window_intervals):
     # The window is kept as two blocks of partial sums (no full re-sum per update): at every
@@ -198,13 +203,8 @@ def test_running_window_matches_the_definition_at_every_step(window_intervals):
         assert (det.alarm, det.in_alarm) == (expect["alarm"], expect["in_alarm"])
         alarms += det.alarm
         if window_intervals > 1:
-            older = det._suffix[0] if det._suffix else [0.0] * 30
-            totals = [
-                a + b
-                for a, b in zip(
-                    older, [*det._front[0], *det._front[1], *det._front[2]], strict=True
-                )
-            ]
+            older = flat(det._suffix[0]) if det._suffix else [0.0] * 30
+            totals = [a + b for a, b in zip(older, flat(det._front), strict=True)]
             exact = np.sum(np.asarray(recent, dtype=float), axis=0).ravel()
             assert totals[:10] == exact[:10].tolist()  # counts: integers, exact
             assert totals[20:] == exact[20:].tolist()  # outcomes: integers, exact
@@ -221,9 +221,8 @@ def test_two_blocks_hold_the_sums_of_their_rows():
         back = len(det._suffix)
         for j, s in enumerate(det._suffix):  # from each older row to the block's end
             block = np.asarray(window[j:back])
-            assert s == pytest.approx(block.sum(axis=0), rel=1e-15, abs=0), step
-        front = [*det._front[0], *det._front[1], *det._front[2]]
-        assert front == pytest.approx(np.sum(window[back:], axis=0), rel=1e-15, abs=0)
+            assert flat(s) == pytest.approx(block.sum(axis=0), rel=1e-15, abs=0), step
+        assert flat(det._front) == pytest.approx(np.sum(window[back:], axis=0), rel=1e-15, abs=0)
 
 
 @pytest.mark.parametrize("window_intervals", [1, 3, 4])
