@@ -2,10 +2,11 @@
 
 A flush of ingest summarises every (experiment, arm, metric) that received values: with 10,000
 experiments that is tens of thousands of small groups, and one ``Summary.update_many`` per group
-would cost more than the records themselves. :func:`summarise_groups` sorts the values by group
-once and computes every group's moments, extremes and log-histogram buckets with segment
-reductions, producing exactly the state :meth:`Summary.to_state` would (histogram counts, count,
-min and max identical; sum, mean and m2 equal up to floating-point summation order).
+would cost more than the records themselves. :func:`summarise_groups` computes every group's
+moments and extremes in one pass over the values in input order (``bincount`` and
+``ufunc.at``: no sort of the values) and its log-histogram buckets with one sort of the (group,
+bucket key) codes, producing exactly the state :meth:`Summary.to_state` would (histogram counts,
+count, min and max identical; sum, mean and m2 equal up to floating-point summation order).
 
 :class:`GroupSummaries` keeps the result in columns and builds one group's state dict on demand,
 so a flush can serialise experiment by experiment without holding every state at once.
@@ -48,7 +49,7 @@ class _Stores:
     __slots__ = ("dense", "nnz", "offsets", "pair_counts", "pair_keys", "sparse", "starts", "wide")
 
     def __init__(self, keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int) -> None:
-        """``keys``: bucket keys of the values whose (ascending) group position is ``seg``."""
+        """``keys``: bucket keys of the values whose group position is ``seg`` (any order)."""
         pair_seg, pair_keys, pair_counts = _distinct_pairs(seg, keys)
         nnz = np.bincount(pair_seg, minlength=n_groups)
         starts = np.r_[0, np.cumsum(nnz)[:-1]]
@@ -97,14 +98,11 @@ def _distinct_pairs(seg: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
         return empty, empty, empty
     kmin = int(keys.min())
     span = int(keys.max()) - kmin + 1
-    if (int(seg[-1]) + 1) * span < 2**62:  # one sort of int64 codes
-        # seg is ascending, so the sorted codes keep seg where it is; the sort only orders
-        # keys within each run (timsort: "stable" is several times faster than quicksort here).
-        base = seg * span
-        code = np.sort(base + (keys - kmin), kind="stable")
+    if (int(seg.max()) + 1) * span < 2**62:  # one sort of int64 codes (seg, key)
+        code = np.sort(seg * span + (keys - kmin))
         first = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-        pair_seg = seg[first]
-        pair_key = code[first] - base[first] + kmin
+        pair_seg, pair_key = np.divmod(code[first], span)
+        pair_key += kmin
     else:  # codes would overflow: a two-key sort
         order = np.lexsort((keys, seg))
         s, k = seg[order], keys[order]
@@ -158,26 +156,42 @@ class GroupSummaries:
         hist = LogHistogram(relative_accuracy=relative_accuracy, max_bins=max_bins)
         self._ra = hist.relative_accuracy
         self._mb = max_bins
-        order = np.argsort(groups, kind="stable")
-        g = groups[order]
-        v = values[order]
-        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if g.shape[0] else g[:0]
-        self.labels: np.ndarray = g[starts]
+        # Each value's group position, in input order: no sort of the values (the one sort
+        # left is of the distinct histogram keys). Non-negative labels, as ingest's are, are
+        # counted directly; others go through np.unique.
+        if not groups.shape[0]:
+            self.labels: np.ndarray = groups[:0]
+            seg = groups[:0]
+        elif int(groups.min()) >= 0 and int(groups.max()) < 4 * groups.shape[0] + (1 << 20):
+            present = np.bincount(groups)
+            self.labels = np.flatnonzero(present)
+            position = np.zeros(present.shape[0], dtype=np.int64)
+            position[self.labels] = np.arange(self.labels.shape[0])
+            seg = position[groups]
+        else:
+            self.labels, seg = np.unique(groups, return_inverse=True)
         n_groups = self.labels.shape[0]
-        counts = np.diff(np.r_[starts, v.shape[0]]).astype(np.int64)
         self._index: dict[int, int] | None = None
+        self._numpy_counts = numpy_counts
+        self._block_cols: tuple[Any, ...] | None = None
+        self._state_cols: tuple[Any, ...] | None = None
+        self._wide: dict[int, dict[str, Any]] = {}
         if not n_groups:
             self._cols: tuple[list[Any], ...] = ()
-            self._pos = self._neg = None
             self._stores: tuple[_Stores | None, _Stores | None] = (None, None)
-            self._block_cols = None
-            self._wide: dict[int, dict[str, Any]] = {}
             return
-        sums = np.add.reduceat(v, starts)
+        v = values
+        counts = np.bincount(seg, minlength=n_groups)
+        # Sums in input order, each group's values added one after another (as a Summary
+        # fed the same values would, up to summation order).
+        sums = np.bincount(seg, weights=v, minlength=n_groups)
         means = sums / counts
-        dev = v - np.repeat(means, counts)
-        m2 = np.add.reduceat(dev * dev, starts)
-        seg = np.repeat(np.arange(n_groups), counts)
+        dev = v - means[seg]
+        m2 = np.bincount(seg, weights=dev * dev, minlength=n_groups)
+        mins = np.full(n_groups, np.inf)
+        maxs = np.full(n_groups, -np.inf)
+        np.minimum.at(mins, seg, v)
+        np.maximum.at(maxs, seg, v)
         pos = v >= _TINY
         neg = v <= -_TINY
         zeros = np.bincount(seg[~(pos | neg)], minlength=n_groups)
@@ -190,20 +204,16 @@ class GroupSummaries:
             sums.tolist(),
             means.tolist(),
             m2.tolist(),
-            np.minimum.reduceat(v, starts).tolist(),
-            np.maximum.reduceat(v, starts).tolist(),
+            mins.tolist(),
+            maxs.tolist(),
             zeros.tolist(),
         )
-        self._pos = None if p is None else p.columns(numpy_counts)
-        self._neg = None if n is None else n.columns(numpy_counts)
         self._stores = (p, n)
-        self._block_cols: tuple[Any, ...] | None = None
-        self._wide = {}
         wide = [s.wide for s in (p, n) if s is not None]
         for j in np.flatnonzero(np.logical_or.reduce(wide)).tolist() if wide else ():
             # Keys span more than max_bins: the collapsing store decides which buckets merge.
             ref = Summary(relative_accuracy=relative_accuracy, max_bins=max_bins)
-            ref.update_many(v[starts[j] : starts[j] + counts[j]])
+            ref.update_many(v[seg == j])
             self._wide[j] = ref.to_state()
 
     def __len__(self) -> int:
@@ -270,11 +280,16 @@ class GroupSummaries:
         if self._wide and j in self._wide:
             return self._wide[j]
         counts, sums, means, m2s, mins, maxs, zeros = self._cols
+        if self._state_cols is None:
+            self._state_cols = tuple(
+                None if st is None else st.columns(self._numpy_counts) for st in self._stores
+            )
+        pos_cols, neg_cols = self._state_cols
         # Each store as Summary.to_state() encodes it: [offset, dense counts] or [keys, counts]
         # (inlined: this runs once per group and metric, 100,000 times a flush).
         pos: list[Any] = [0, []]
         neg: list[Any] = [0, []]
-        cols = self._pos
+        cols = pos_cols
         if cols is not None:
             kind, off, at, length, keys, pcounts, dcounts = cols
             k = kind[j]
@@ -285,7 +300,7 @@ class GroupSummaries:
             elif k:
                 b = at[j]
                 pos = [off[j], dcounts[b : b + length[j]]]
-        cols = self._neg
+        cols = neg_cols
         if cols is not None:
             kind, off, at, length, keys, pcounts, dcounts = cols
             k = kind[j]
