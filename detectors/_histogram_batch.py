@@ -39,6 +39,7 @@ import numpy as np
 
 from ._calibration import KOLMOGOROV_MEAN, chi2_isf, kolmogorov_isf
 from .histogram_distance import _KERNELS, DISTANCES, _chi2_scaled, _histogram_of, _key_pair, align
+from .summary import Summary
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CHUNK = 128
@@ -139,11 +140,13 @@ def _batch(
     thresholds: set[str],
 ) -> dict[str, Any]:
     k_pairs = len(hists)
-    stores = [h.stores() for pair in hists for h in pair]  # treatment, control, treatment...
+    stores: list[tuple] = []  # treatment, control, treatment, ...
     flat: list[int] = []
-    extend = flat.extend
-    for s in stores:
-        extend((s[0], len(s[1]), s[2], s[3], len(s[4])))
+    for ht, hc in hists:
+        s = ht.stores()
+        t = hc.stores()
+        stores += (s, t)
+        flat += (s[0], len(s[1]), s[2], s[3], len(s[4]), t[0], len(t[1]), t[2], t[3], len(t[4]))
     meta = np.array(flat, dtype=np.int64).reshape(k_pairs, 2, 5)
     n_off, n_len, zero, p_off, p_len = (meta[:, :, i] for i in range(5))
     # The layout of each pair (see histogram_distance._key_layout): negative keys nlo..nhi-1
@@ -169,10 +172,10 @@ def _batch(
     side = np.stack((seg[:-1], seg[:-1] + total), axis=1)
     # One slice assignment per store: cheaper than building an index for a scatter.
     at = (side + (ln + 1 - plo)[:, None] + p_off).ravel().tolist()
-    for i, s in enumerate(stores):
-        counts = s[4]
-        if counts.shape[0]:
-            w[at[i] : at[i] + counts.shape[0]] = counts
+    ends = (side + (ln + 1 - plo)[:, None] + p_off + p_len).ravel().tolist()
+    for a, b, s in zip(at, ends, stores, strict=True):
+        if b > a:
+            w[a:b] = s[4]
     if n_len.any():
         at = (side + nhi[:, None] - n_off - n_len).ravel().tolist()
         for i, s in enumerate(stores):
@@ -405,8 +408,9 @@ def evaluate_many(
     hists: list[tuple[Any, Any]] = []
     single: list[int] = []
     for i, (t, c) in enumerate(pairs):
-        ht = _histogram_of(t)
-        hc = _histogram_of(c)
+        # Summaries are the common input: skip the generic look-up for them.
+        ht = t.histogram if type(t) is Summary else _histogram_of(t)
+        hc = c.histogram if type(c) is Summary else _histogram_of(c)
         if ht is not None and hc is not None and ht.relative_accuracy == hc.relative_accuracy:
             batch.append(i)
             hists.append((ht, hc))
