@@ -179,6 +179,11 @@ class WindowDrift(_HistogramDrift):
         self._n_reference = 0
         self._window: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._grid: _Grid | None = None
+        # The state's lists of each histogram, packed on the first to_state() that needs them:
+        # a histogram does not change once added, and the daemon snapshots after every
+        # update, so packing the whole window each time cost as much as the update itself.
+        self._packed_reference: list[list] | None = None
+        self._packed_window: list[list[list] | None] = []
 
     @property
     def ready(self) -> bool:
@@ -193,12 +198,17 @@ class WindowDrift(_HistogramDrift):
         bins = as_bins(histogram)
         if self._n_reference < self.reference_intervals:
             self._reference = merge_bins([self._reference, bins])
+            self._packed_reference = None
             self._n_reference += 1
             self._hold()
             return
         window = self._window
         window.append(bins)
-        leaving = window.pop(0) if len(window) > self.window_intervals else None
+        self._packed_window.append(None)
+        leaving = None
+        if len(window) > self.window_intervals:
+            leaving = window.pop(0)
+            self._packed_window.pop(0)
         if len(window) < self.window_intervals:
             self._hold()
             return
@@ -225,11 +235,23 @@ class WindowDrift(_HistogramDrift):
                 "reference_intervals": self.reference_intervals,
                 "window_intervals": self.window_intervals,
             },
-            "reference": _pack(self._reference),
+            "reference": [list(x) for x in self._packed_ref()],
             "n_reference": self._n_reference,
-            "window": [_pack(b) for b in self._window],
+            "window": [[list(x) for x in packed] for packed in self._packed_windows()],
             **self._result_state(),
         }
+
+    def _packed_ref(self) -> list[list]:
+        if self._packed_reference is None:
+            self._packed_reference = _pack(self._reference)
+        return self._packed_reference
+
+    def _packed_windows(self) -> list[list[list]]:
+        packed = self._packed_window
+        for i, bins in enumerate(self._window):
+            if packed[i] is None:
+                packed[i] = _pack(bins)
+        return packed  # type: ignore[return-value]
 
     @classmethod
     def from_state(cls, state: dict) -> WindowDrift:
@@ -238,5 +260,6 @@ class WindowDrift(_HistogramDrift):
         det._reference = _unpack(state["reference"])
         det._n_reference = int(state["n_reference"])
         det._window = [_unpack(b) for b in state["window"]]
+        det._packed_window = [None] * len(det._window)
         det._load_result_state(state)
         return det

@@ -615,3 +615,28 @@ def test_update_many_with_all_distances_keeps_them_in_the_state():
             {d: direct[d]["corrected"] for d in DISTANCES}, rel=1e-12, abs=1e-15
         )
         assert TwoSampleDrift.from_state(det.to_state()).to_dict() == det.to_dict()
+
+
+def test_window_drift_state_packs_each_histogram_once_and_stays_exact():
+    # A state taken after every update (the daemon) equals one taken at checkpoints only,
+    # through the reference phase, the sliding window and a new reference; mutating a returned
+    # state does not reach the detector.
+    rng = np.random.default_rng(36)
+    every = WindowDrift(reference_intervals=4, window_intervals=3, distance="ks")
+    sometimes = WindowDrift(reference_intervals=4, window_intervals=3, distance="ks")
+    for i in range(30):
+        s = Summary.from_values(rng.lognormal(0.3 if i > 15 else 0.0, 1, 300))
+        every.update(s)
+        sometimes.update(s)
+        state = every.to_state()
+        if i % 7 == 3:
+            assert state == sometimes.to_state()
+            assert WindowDrift.from_state(json.loads(json.dumps(state))).to_state() == state
+        if i == 20:
+            every.reset_reference()
+            sometimes.reset_reference()
+        state["reference"][2].append(99)
+        for packed in state["window"]:
+            packed[2].append(99)
+    assert every.to_state() == sometimes.to_state()
+    assert every.n_alarms >= 1
