@@ -15,7 +15,14 @@ _sqrt = math.sqrt
 _copysign = math.copysign
 _log = math.log
 _TAIL_RATE = 0.001  # exceedance rate of |z| > clip: about 1,000 updates of memory
+_TAIL_MEMORY = 1_000  # 1 / _TAIL_RATE: the tail samples the rate rests on, at most
 _HILL_RATE = 0.02  # log-excess mean: about 50 exceedances of memory
+# Robust Hill mean (see the class docstring): the normal log excess counts as _HILL_PRIOR
+# exceedances, and log excesses are winsorised at _HILL_WINSOR Hill means (the 99% point of an
+# exponential law), E[min(Y, L g)] = g (1 - e^-L) for Y exponential with mean g.
+_HILL_PRIOR = 3.0
+_HILL_WINSOR = math.log(100.0)
+_HILL_CONSISTENCY = 1.0 / (1.0 - math.exp(-_HILL_WINSOR))
 
 
 @lru_cache(maxsize=16)
@@ -61,9 +68,29 @@ class SeasonalZScore(_EdgeAlarm):
     Calibration: the false-alarm budget ``1 / expected_run_length`` per update is split half to
     the spike test and half to the two one-sided CUSUMs (Siegmund's run-length approximation).
     The spike threshold is the two-sided normal quantile, unless the innovations turn out
-    heavier-tailed than normal (their rate beyond ``clip`` sigmas over twice the normal rate):
-    then it extrapolates a Pareto tail fitted beyond ``clip`` (Hill's estimator on non-spike
-    updates) to the spike budget, so heavy-tailed noise does not spend the budget. No alarm is
+    heavier-tailed than normal (their rate ``q`` beyond ``clip`` sigmas, over the last ``m`` of
+    at most 1,000 updates, above twice the normal rate by more than one standard error
+    ``sqrt(q / m)``, so two or three exceedances in a day are not enough): then it extrapolates a Pareto tail fitted beyond ``clip`` to the spike budget,
+    ``clip * (q / budget) ** gamma`` (Weissman 1978), so heavy-tailed noise does not spend the
+    budget. The tail index ``gamma`` is a Hill mean of the log excesses ``log(|z| / clip)`` of
+    non-spike updates (the rate ``q`` counts spikes too), learned from the second half of the warmup on, and made robust to a few
+    outliers, which would otherwise pass for a heavy tail (the Hill estimator is a mean: one
+    15-sigma value among three exceedances doubles it, and the threshold, exponential in
+    ``gamma``, then blinds the detector for days; Brazauskas and Serfling 2000, Bhattacharya et
+    al. 2019):
+
+    * each log excess is winsorised at ``log(100)`` times the current Hill mean (the 99% point
+      of the fitted exponential law of log excesses; the mean is divided by 0.99 to stay
+      consistent for a Pareto tail), so one exceedance, however large, moves it by a bounded
+      factor;
+    * the normal log excess enters the Hill mean as 3 prior exceedances, so the first few
+      exceedances cannot set it alone; a real heavy tail, which brings many, soon outweighs it;
+    * during the warmup, where nothing is flagged, an innovation beyond the current spike
+      threshold is treated as an additive outlier (Fox 1972): it does not echo into the next
+      AR prediction, where its echo would count as a second exceedance.
+
+    A sustained heavy tail still lifts the threshold (Student t(3) noise keeps its false alarms
+    near the budget); a couple of warmup spikes leave it at the normal quantile. No alarm is
     raised before ``warmup_s`` seconds of event time, while the seasonal profile is learned. An
     incident (spike or shift) is one alarm; ``in_alarm`` clears after ``clear_after``
     consecutive normal updates.
@@ -125,6 +152,14 @@ class SeasonalZScore(_EdgeAlarm):
     Journal of Official Statistics 6(1), 3-73.
     Hill, B. M. (1975). A simple general approach to inference about the tail of a distribution.
     Annals of Statistics 3(5), 1163-1174.
+    Weissman, I. (1978). Estimation of parameters and large quantiles based on the k largest
+    observations. JASA 73(364), 812-815.
+    Brazauskas, V. and Serfling, R. (2000). Robust and efficient estimation of the tail index of a
+    single-parameter Pareto distribution. North American Actuarial Journal 4(4), 12-27.
+    Bhattacharya, S., Kallitsis, M. and Stoev, S. (2019). Data-adaptive trimming of the Hill
+    estimator and detection of outliers in the extremes of heavy-tailed data. Electronic Journal
+    of Statistics 13(1), 1872-1925.
+    Fox, A. J. (1972). Outliers in time series. JRSS B 34(3), 350-363.
     """
 
     def __init__(
@@ -268,11 +303,13 @@ class SeasonalZScore(_EdgeAlarm):
             z = zc = 0.0
         self._z = z
         armed = t - t0 >= self.warmup_s and sigma > 0.0
-        spike = shifted = suspicious = False
+        spike = shifted = suspicious = outlier = False
         if armed:
             q = self._q
-            if q <= self._tail_trigger:  # the spike threshold (`_z_threshold`)
-                threshold = self._z_normal
+            d = q - self._tail_trigger
+            n_tail = self._n_tail
+            if d <= 0.0 or d * d * (n_tail if n_tail < _TAIL_MEMORY else _TAIL_MEMORY) <= q:
+                threshold = self._z_normal  # the spike threshold (`_z_threshold`)
             else:
                 threshold = self.clip * (q / self._alpha_spike) ** self._hill
                 if not threshold > self._z_normal:
@@ -295,6 +332,11 @@ class SeasonalZScore(_EdgeAlarm):
             # While a shift is suspected the estimates stay put, or they would absorb the very
             # shift the CUSUM is accumulating evidence for.
             suspicious = up > self._half_h or down > self._half_h
+        elif (z > clip or z < -clip) and sigma > 0.0:
+            # Nothing is flagged during the warmup, but an innovation beyond the threshold is an
+            # additive outlier all the same: it must not echo into the next prediction, where
+            # its echo would feed the tail estimate a second exceedance.
+            outlier = abs(z) > self._z_threshold
         if not (shifted or suspicious):
             # Move the robust estimates with the clipped innovation (the raw one while
             # starting).
@@ -344,10 +386,14 @@ class SeasonalZScore(_EdgeAlarm):
             # A large innovation that is not a spike is part of the noise: an AR(1) series
             # echoes it, so the next prediction uses it unclipped (a spike is an additive
             # outlier and does not echo: its clipped value stays).
-            self._prev = r_clean if spike else r
-            if sigma > 0.0 and not spike and t - t0 >= self._half_warmup_s:
-                # Learn how heavy the tail of the innovations is (spikes excluded), from the
-                # second half of the warmup on: running means first, then exponential ones.
+            self._prev = r_clean if (spike or outlier) else r
+            if sigma > 0.0 and t - t0 >= self._half_warmup_s:
+                # Learn how heavy the tail of the innovations is, from the second half of the
+                # warmup on: running means first (the Hill mean after its prior exceedances),
+                # then exponential ones. The rate counts flagged spikes too (while the threshold
+                # is still normal, a heavy tail's exceedances are flagged, and leaving them out
+                # kept its rate from ever looking significant); the Hill mean leaves them out,
+                # and its log excess is winsorised, so a few outliers cannot pass for a tail.
                 az = abs(z)
                 exceed = az > clip
                 n_tail = self._n_tail = self._n_tail + 1
@@ -355,12 +401,17 @@ class SeasonalZScore(_EdgeAlarm):
                 if not step > _TAIL_RATE:
                     step = _TAIL_RATE
                 self._q += step * (exceed - self._q)
-                if exceed:
+                if exceed and not spike:
                     n_exceed = self._n_exceed = self._n_exceed + 1
-                    step = 1.0 / n_exceed
+                    step = 1.0 / (n_exceed + _HILL_PRIOR)
                     if not step > _HILL_RATE:
                         step = _HILL_RATE
-                    self._hill += step * (_log(az / clip) - self._hill)
+                    hill = self._hill
+                    y = _log(az / clip)
+                    cap = _HILL_WINSOR * hill
+                    if y > cap:
+                        y = cap
+                    self._hill = hill + step * (y * _HILL_CONSISTENCY - hill)
         elif suspicious:
             self._prev = pred + (zc * sigma)
         if spike or shifted:
@@ -390,7 +441,10 @@ class SeasonalZScore(_EdgeAlarm):
         # Normal quantile unless the innovations show a heavier tail than normal noise would
         # (exceedance rate beyond `clip` over twice the normal one): then extrapolate the tail
         # with a Pareto fit (Hill 1975) to the per-update spike budget, never below normal.
-        if self._q <= self._tail_trigger:  # 2 * p0
+        # Heavy only if the rate beyond `clip` exceeds twice the normal one by more than one
+        # standard error (sqrt(q / m), m tail samples of memory): a couple of outliers do not.
+        d = self._q - self._tail_trigger
+        if d <= 0.0 or d * d * min(self._n_tail, _TAIL_MEMORY) <= self._q:
             return self._z_normal
         return max(self._z_normal, self.clip * (self._q / self._alpha_spike) ** self._hill)
 

@@ -159,6 +159,50 @@ def test_min_scale_keeps_sparse_counts_quiet():
     assert feed(det, x, t) == [(5 * DAY, "spike")]
 
 
+def warmup_spikes(seed, n_spikes=2):
+    """Seeded normal series; ``n_spikes`` 15-sd spikes on day 2 (warmup), a 20-sd one on day 3."""
+    rng = np.random.default_rng(seed)
+    t, x = seasonal_series(rng, 4)
+    clean = x.copy()
+    x[rng.choice(np.arange(DAY, 2 * DAY), size=n_spikes, replace=False)] += 15 * 2.0
+    at = int(rng.integers(2 * DAY, 3 * DAY))
+    x[at] += 20 * 2.0
+    return t, clean, x, at
+
+
+def day3_thresholds(x, t):
+    det = SeasonalZScore()
+    out = []
+    for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
+        det.update(xi, ti)
+        if 2 * DAY <= i < 3 * DAY:
+            out.append(det.threshold)
+    return np.array(out)
+
+
+def test_warmup_spikes_do_not_blind_the_spike_threshold():
+    # Two 15-sd spikes in the warmup's second half fed the heavy-tail (Hill) estimate as if they
+    # were its tail: the threshold rose to hundreds of sd on days 3 and 4, and a 20-sd spike on
+    # day 3 went unflagged. A couple of outliers must leave it at its clean-series value.
+    t, clean, x, at = warmup_spikes(12)
+    det = SeasonalZScore()
+    onsets = feed(det, x, t)
+    assert (at, "spike") in onsets
+    assert np.array_equal(day3_thresholds(x, t), day3_thresholds(clean, t))
+    assert det.threshold == normal_isf(1 / 40_000)
+
+
+def test_warmup_spikes_leave_a_day3_spike_found_on_seeded_series():
+    flagged = 0
+    medians = []
+    for seed in range(10):
+        t, _, x, at = warmup_spikes(100 + seed)
+        flagged += (at, "spike") in feed(SeasonalZScore(), x, t)
+        medians.append(np.median(day3_thresholds(x, t)))
+    assert flagged == 10
+    assert np.median(medians) < 1.2 * normal_isf(1 / 40_000)
+
+
 def test_state_round_trip_is_exact():
     rng = np.random.default_rng(5)
     t, x = seasonal_series(rng, 4, phi=0.3)
@@ -242,6 +286,8 @@ class PlainSeasonalZScore(SeasonalZScore):
         armed = t - self._t0 >= self.warmup_s and sigma > 0.0
         threshold = self.threshold
         spike = armed and abs(z) > threshold
+        # Warmup: nothing is flagged, but an outlier beyond the threshold does not echo.
+        outlier = not armed and sigma > 0.0 and abs(z) > clip and abs(z) > threshold
         shifted = suspicious = False
         if armed:
             self._up = max(0.0, self._up + zc - self._k)
@@ -254,17 +300,20 @@ class PlainSeasonalZScore(SeasonalZScore):
             suspicious = max(self._up, self._down) > 0.5 * self._h
         if not (shifted or suspicious):
             self._plain_learn(n, e, pred, zc, sigma, w, b0, b1, nb)
-            if not spike:
+            if not (spike or outlier):
                 self._prev = r
-            if sigma > 0.0 and not spike and t - self._t0 >= 0.5 * self.warmup_s:
+            if sigma > 0.0 and t - self._t0 >= 0.5 * self.warmup_s:
                 az = abs(z)
                 exceed = az > clip
                 self._n_tail += 1
                 self._q += max(0.001, 1.0 / self._n_tail) * (exceed - self._q)
-                if exceed:
+                if exceed and not spike:
                     self._n_exceed += 1
-                    step = max(0.02, 1.0 / self._n_exceed)
-                    self._hill += step * (math.log(az / clip) - self._hill)
+                    step = max(0.02, 1.0 / (self._n_exceed + 3.0))
+                    winsor = math.log(100.0)
+                    consistency = 1.0 / (1.0 - math.exp(-winsor))
+                    y = min(math.log(az / clip), winsor * self._hill) * consistency
+                    self._hill += step * (y - self._hill)
         elif suspicious:
             self._prev = pred + (zc * sigma)
         if spike:
