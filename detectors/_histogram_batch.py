@@ -42,7 +42,7 @@ from .histogram_distance import _KERNELS, DISTANCES, _chi2_scaled, _histogram_of
 from .summary import Summary
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_CHUNK = 128
+_CHUNK = 256
 _FAR = 1 << 60  # beyond any bucket key
 _KEEP = 1 << 22  # a scratch buffer larger than this (32 MiB, very wide layouts) is not kept
 
