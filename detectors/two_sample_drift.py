@@ -111,9 +111,10 @@ class TwoSampleDrift(_HistogramDrift):
         against ``np.dot``); a pair's result does not depend on the rest of the batch, bit for
         bit, so any batching of the same updates gives the same scores and alarms.
 
-        Only the decision distance is computed, so ``distances`` then holds that one; with
-        ``all_distances=True`` the other three are computed too (without thresholds), at about
-        five times the cost on these flat arrays.
+        Only the decision distance is computed, so ``distances`` then holds that one (fewer
+        than eight PSI or KS pairs are evaluated one by one, and keep their pair to compute the
+        other three when read); with ``all_distances=True`` the other three are computed too,
+        without thresholds, at several times the cost.
 
         Parameters
         ----------
