@@ -15,7 +15,7 @@ _sqrt = math.sqrt
 _copysign = math.copysign
 _log = math.log
 _TAIL_RATE = 0.001  # exceedance rate of |z| > clip: about 1,000 updates of memory
-_TAIL_MEMORY = 1_000  # 1 / _TAIL_RATE: the tail samples the rate rests on, at most
+_BAND = 2.0  # moderate exceedances: clip < |z| <= _BAND * clip
 _HILL_RATE = 0.02  # log-excess mean: about 50 exceedances of memory
 # Robust Hill mean (see the class docstring): the normal log excess counts as _HILL_PRIOR
 # exceedances, and log excesses are winsorised at _HILL_WINSOR Hill means (the 99% point of an
@@ -68,17 +68,19 @@ class SeasonalZScore(_EdgeAlarm):
     Calibration: the false-alarm budget ``1 / expected_run_length`` per update is split half to
     the spike test and half to the two one-sided CUSUMs (Siegmund's run-length approximation).
     The spike threshold is the two-sided normal quantile, unless the innovations turn out
-    heavier-tailed than normal (their rate ``q`` beyond ``clip`` sigmas, over the last ``m`` of
-    at most 1,000 updates, above twice the normal rate by more than one standard error
-    ``sqrt(q / m)``, so two or three exceedances in a day are not enough): then it extrapolates a Pareto tail fitted beyond ``clip`` to the spike budget,
-    ``clip * (q / budget) ** gamma`` (Weissman 1978), so heavy-tailed noise does not spend the
-    budget. The tail index ``gamma`` is a Hill mean of the log excesses ``log(|z| / clip)`` of
-    non-spike updates (the rate ``q`` counts spikes too), learned from the second half of the warmup on, and made robust to a few
-    outliers, which would otherwise pass for a heavy tail (the Hill estimator is a mean: one
-    15-sigma value among three exceedances doubles it, and the threshold, exponential in
-    ``gamma``, then blinds the detector for days; Brazauskas and Serfling 2000, Bhattacharya et
-    al. 2019):
+    heavier-tailed than normal: then it extrapolates a Pareto tail fitted beyond ``clip`` to
+    the spike budget, ``clip * (q / budget) ** gamma`` (Weissman 1978), so heavy-tailed noise
+    does not spend the budget. ``q`` is the rate of ``|z| > clip`` and ``gamma`` a Hill mean of
+    the log excesses ``log(|z| / clip)``, both over non-spike updates from the second half of
+    the warmup on. Both are made robust to a few outliers, which would otherwise pass for a
+    heavy tail (the Hill estimator is a mean: one 15-sigma value among three exceedances
+    doubles it, and the threshold, exponential in ``gamma``, then blinds the detector for days;
+    Brazauskas and Serfling 2000, Bhattacharya et al. 2019):
 
+    * the tail counts as heavy only if ``q`` is over twice the normal rate *and* so is the rate
+      of moderate exceedances, ``clip < |z| <= 2 clip``. A Pareto tail raises both; outliers,
+      however many and however far out, only the first (normal noise passes ``2 clip`` about
+      once in 500 million updates at ``clip = 3``);
     * each log excess is winsorised at ``log(100)`` times the current Hill mean (the 99% point
       of the fitted exponential law of log excesses; the mean is divided by 0.99 to stay
       consistent for a Pareto tail), so one exceedance, however large, moves it by a bounded
@@ -231,6 +233,7 @@ class SeasonalZScore(_EdgeAlarm):
         self._kappa = _clipped_second_moment(self.clip)
         # Products `update` would otherwise form on every call (the same floats).
         self._tail_trigger = 2.0 * self._p0
+        self._band_trigger = 2.0 * (self._p0 - math.erfc(_BAND * self.clip / math.sqrt(2.0)))
         self._half_h = 0.5 * self._h
         self._half_warmup_s = 0.5 * self.warmup_s
         self._clip2 = self.clip * self.clip
@@ -255,6 +258,7 @@ class SeasonalZScore(_EdgeAlarm):
         self._n_level_shifts = 0
         # Tail of |z| beyond `clip`: exceedance rate and Hill (log-excess) mean, from normal priors.
         self._q = self._p0
+        self._q_band = self._band_trigger / 2.0
         self._hill = self._hill0
         self._n_tail = 0
         self._n_exceed = 0
@@ -306,9 +310,7 @@ class SeasonalZScore(_EdgeAlarm):
         spike = shifted = suspicious = outlier = False
         if armed:
             q = self._q
-            d = q - self._tail_trigger
-            n_tail = self._n_tail
-            if d <= 0.0 or d * d * (n_tail if n_tail < _TAIL_MEMORY else _TAIL_MEMORY) <= q:
+            if q <= self._tail_trigger or self._q_band <= self._band_trigger:
                 threshold = self._z_normal  # the spike threshold (`_z_threshold`)
             else:
                 threshold = self.clip * (q / self._alpha_spike) ** self._hill
@@ -387,13 +389,12 @@ class SeasonalZScore(_EdgeAlarm):
             # echoes it, so the next prediction uses it unclipped (a spike is an additive
             # outlier and does not echo: its clipped value stays).
             self._prev = r_clean if (spike or outlier) else r
-            if sigma > 0.0 and t - t0 >= self._half_warmup_s:
-                # Learn how heavy the tail of the innovations is, from the second half of the
-                # warmup on: running means first (the Hill mean after its prior exceedances),
-                # then exponential ones. The rate counts flagged spikes too (while the threshold
-                # is still normal, a heavy tail's exceedances are flagged, and leaving them out
-                # kept its rate from ever looking significant); the Hill mean leaves them out,
-                # and its log excess is winsorised, so a few outliers cannot pass for a tail.
+            if sigma > 0.0 and not spike and t - t0 >= self._half_warmup_s:
+                # Learn how heavy the tail of the innovations is (spikes excluded), from the
+                # second half of the warmup on: running means first (the Hill mean after its
+                # prior exceedances), then exponential ones. The rate of moderate exceedances
+                # (up to _BAND clips) ignores outliers however far out; the Hill mean winsorises
+                # them: a few outliers cannot pass for a heavy tail.
                 az = abs(z)
                 exceed = az > clip
                 n_tail = self._n_tail = self._n_tail + 1
@@ -401,7 +402,8 @@ class SeasonalZScore(_EdgeAlarm):
                 if not step > _TAIL_RATE:
                     step = _TAIL_RATE
                 self._q += step * (exceed - self._q)
-                if exceed and not spike:
+                self._q_band += step * ((exceed and az <= _BAND * clip) - self._q_band)
+                if exceed:
                     n_exceed = self._n_exceed = self._n_exceed + 1
                     step = 1.0 / (n_exceed + _HILL_PRIOR)
                     if not step > _HILL_RATE:
@@ -439,12 +441,10 @@ class SeasonalZScore(_EdgeAlarm):
     @property
     def _z_threshold(self) -> float:
         # Normal quantile unless the innovations show a heavier tail than normal noise would
-        # (exceedance rate beyond `clip` over twice the normal one): then extrapolate the tail
-        # with a Pareto fit (Hill 1975) to the per-update spike budget, never below normal.
-        # Heavy only if the rate beyond `clip` exceeds twice the normal one by more than one
-        # standard error (sqrt(q / m), m tail samples of memory): a couple of outliers do not.
-        d = self._q - self._tail_trigger
-        if d <= 0.0 or d * d * min(self._n_tail, _TAIL_MEMORY) <= self._q:
+        # (exceedance rates beyond `clip`, and between `clip` and _BAND clips, over twice the
+        # normal ones): then extrapolate the tail with a Pareto fit (Hill 1975, Weissman 1978)
+        # to the per-update spike budget, never below normal.
+        if self._q <= self._tail_trigger or self._q_band <= self._band_trigger:
             return self._z_normal
         return max(self._z_normal, self.clip * (self._q / self._alpha_spike) ** self._hill)
 
@@ -525,6 +525,7 @@ class SeasonalZScore(_EdgeAlarm):
             "n_spikes": self._n_spikes,
             "n_level_shifts": self._n_level_shifts,
             "q": self._q,
+            "q_band": self._q_band,
             "hill": self._hill,
             "n_tail": self._n_tail,
             "n_exceed": self._n_exceed,
@@ -544,6 +545,9 @@ class SeasonalZScore(_EdgeAlarm):
         det._calm = int(state["calm"])
         det._n_tail = int(state["n_tail"])
         det._n_exceed = int(state["n_exceed"])
+        # States written before the moderate-exceedance rate: beyond `clip`, normal noise
+        # exceeds _BAND clips almost never (2e-9 at clip 3), so the rate beyond clip stands in.
+        det._q_band = float(state.get("q_band", state["q"]))
         det._kind = state["kind"]
         det._n_spikes = int(state["n_spikes"])
         det._n_level_shifts = int(state["n_level_shifts"])

@@ -218,6 +218,23 @@ def test_state_round_trip_is_exact():
     assert a.to_state() == b.to_state()
 
 
+@pytest.mark.parametrize("df", [None, 3])
+def test_states_written_before_the_moderate_exceedance_rate_load(df):
+    # No "q_band" in older states: the rate beyond clip stands in (normal noise almost never
+    # exceeds 2 clips), so a learned heavy tail stays learned and a normal one normal.
+    rng = np.random.default_rng(10)
+    t, x = seasonal_series(rng, 4, df=df)
+    det = SeasonalZScore()
+    feed(det, x, t)
+    state = json.loads(json.dumps(det.to_state()))
+    del state["q_band"]
+    old = SeasonalZScore.from_state(state)
+    assert old.to_state() == {**state, "q_band": state["q"]}
+    assert old.threshold == det.threshold
+    assert (old.threshold > normal_isf(1 / 40_000)) == (df is not None)
+    old.update(float(x[-1]), float(t[-1]) + STEP)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -302,12 +319,14 @@ class PlainSeasonalZScore(SeasonalZScore):
             self._plain_learn(n, e, pred, zc, sigma, w, b0, b1, nb)
             if not (spike or outlier):
                 self._prev = r
-            if sigma > 0.0 and t - self._t0 >= 0.5 * self.warmup_s:
+            if sigma > 0.0 and not spike and t - self._t0 >= 0.5 * self.warmup_s:
                 az = abs(z)
                 exceed = az > clip
                 self._n_tail += 1
-                self._q += max(0.001, 1.0 / self._n_tail) * (exceed - self._q)
-                if exceed and not spike:
+                step = max(0.001, 1.0 / self._n_tail)
+                self._q += step * (exceed - self._q)
+                self._q_band += step * ((exceed and az <= 2.0 * clip) - self._q_band)
+                if exceed:
                     self._n_exceed += 1
                     step = max(0.02, 1.0 / (self._n_exceed + 3.0))
                     winsor = math.log(100.0)
