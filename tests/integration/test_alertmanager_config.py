@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.support.alerting import Webhook, alertmanager, post_json
+from tests.support.alerting import Webhook, alertmanager, get_json, post_json
 from tests.support.daemon import wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,8 +57,23 @@ async def test_breach_pages_and_inhibits_the_same_experiments_tickets(tmp_path):
                 return bool(hook.alerts("/page")) and len(hook.alerts("/ticket")) >= 2
 
             await wait_for(delivered, "the page and two tickets", limit_s=30)
-            # Give Alertmanager a few more group intervals to send anything it would wrongly send.
-            await asyncio.sleep(3)
+
+            # Alertmanager itself says the paged experiment's ticket is inhibited by the page
+            # (so it is never sent), rather than the test waiting to see nothing arrive.
+            async def inhibited() -> bool:
+                url = f"http://127.0.0.1:{port}/api/v2/alerts"
+                for a in await asyncio.to_thread(get_json, url):
+                    labels = a["labels"]
+                    if (labels["alertname"], labels.get("experiment")) == (
+                        "ArmguardSampleRatioMismatch",
+                        "ranker-v2",
+                    ):
+                        return a["status"]["state"] == "suppressed" and bool(
+                            a["status"]["inhibitedBy"]
+                        )
+                return False
+
+            await wait_for(inhibited, "the ranker-v2 ticket inhibited by its page", limit_s=30)
         finally:
             am.stop()
 
