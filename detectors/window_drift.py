@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from .histogram_distance import _HistogramDrift, _Pair, as_bins, merge_bins
+from .histogram_distance import (
+    _histogram_of,
+    _HistogramDrift,
+    _KeyPair,
+    _Pair,
+    as_bins,
+    merge_bins,
+)
+from .summary import LogHistogram
 
 
 def _pack(bins: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[list]:
@@ -87,6 +96,167 @@ class _Grid:
         np.add.accumulate(p, out=cp[1:])
         np.add.accumulate(q, out=cq[1:])
         return _Pair(self.edges[keep], cp, cq)
+
+
+def _key_stores(histogram: LogHistogram) -> tuple:
+    """A copy of a histogram's ``stores()`` (the detector keeps it; the caller may go on)."""
+    n_off, n_counts, zero, p_off, p_counts = histogram.stores()
+    return int(n_off), n_counts.copy(), int(zero), int(p_off), p_counts.copy()
+
+
+def _pack_stores(stores: tuple) -> list[list]:
+    n_off, n_counts, zero, p_off, p_counts = stores
+    return [[n_off, zero, p_off], n_counts.tolist(), p_counts.tolist()]
+
+
+def _unpack_stores(packed: list[list]) -> tuple:
+    (n_off, zero, p_off), n_counts, p_counts = packed
+    return (
+        int(n_off),
+        np.asarray(n_counts, dtype=np.int64),
+        int(zero),
+        int(p_off),
+        np.asarray(p_counts, dtype=np.int64),
+    )
+
+
+def _trimmed(counts: np.ndarray, offset: int) -> tuple[int, np.ndarray]:
+    nz = np.flatnonzero(counts)
+    if not nz.shape[0]:
+        return 0, np.zeros(0, dtype=np.int64)
+    a, b = int(nz[0]), int(nz[-1])
+    return offset + a, counts[a : b + 1].astype(np.int64)
+
+
+def _stores_bins(stores: tuple, log_gamma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``LogHistogram.bins()`` of stores, bit for bit (same edges from the same keys)."""
+    n_off, n_counts, zero, p_off, p_counts = stores
+    lowers, uppers, counts = [np.zeros(0)], [np.zeros(0)], [np.zeros(0, dtype=np.int64)]
+    nz = np.flatnonzero(n_counts)[::-1]  # largest magnitude first = ascending value
+    if nz.shape[0]:
+        kf = (n_off + nz).astype(np.float64)
+        lowers.append(-np.exp(kf * log_gamma))
+        uppers.append(-np.exp((kf - 1.0) * log_gamma))
+        counts.append(n_counts[nz].astype(np.int64))
+    if zero:
+        lowers.append(np.zeros(1))
+        uppers.append(np.zeros(1))
+        counts.append(np.array([zero], dtype=np.int64))
+    nz = np.flatnonzero(p_counts)
+    if nz.shape[0]:
+        kf = (p_off + nz).astype(np.float64)
+        lowers.append(np.exp((kf - 1.0) * log_gamma))
+        uppers.append(np.exp(kf * log_gamma))
+        counts.append(p_counts[nz].astype(np.int64))
+    return np.concatenate(lowers), np.concatenate(uppers), np.concatenate(counts)
+
+
+class _Keys:
+    """The reference and the recent window's sum as counts by integer bucket key (private).
+
+    Used while every histogram is a LogHistogram of one relative accuracy (the daemon's
+    Summaries): an update adds the arriving interval's stores and subtracts the leaving one's
+    with slice adds, and the pair is read off the two arrays, with no bucket edges computed.
+    Both arrays follow the dense layout of :class:`~.histogram_distance._KeyPair`: negative
+    keys ``nhi - 1`` down to ``nhi - ln`` at positions ``0 .. ln - 1`` (ascending by value),
+    the zero bucket at ``ln``, positive keys from ``plo`` at ``ln + 1`` on. Counts are
+    integers held in float64 (exact), the type the CDFs are accumulated in.
+    """
+
+    __slots__ = ("ln", "log_gamma", "nhi", "plo", "ref", "win")
+
+    def __init__(self, log_gamma: float) -> None:
+        self.log_gamma = log_gamma
+        self.ln = self.nhi = self.plo = 0
+        self.ref = np.zeros(1)
+        self.win = np.zeros(1)
+
+    @classmethod
+    def build(cls, log_gamma: float, reference: tuple | None, window: list[tuple]) -> _Keys:
+        keys = cls(log_gamma)
+        if reference is not None:
+            keys.cover(reference)
+            keys.add(reference, keys.ref)
+        for stores in window:
+            keys.cover(stores)
+            keys.add(stores, keys.win)
+        return keys
+
+    def cover(self, stores: tuple) -> int:
+        """Widen the layout to hold the keys of ``stores``; returns the new width."""
+        n_off, n_counts, _, p_off, p_counts = stores
+        ln, nhi, plo = self.ln, self.nhi, self.plo
+        n_pos = self.ref.shape[0] - ln - 1
+        nlo, phi = nhi - ln, plo + n_pos
+        k = n_counts.shape[0]
+        if k and (not ln or n_off < nlo or n_off + k > nhi):
+            nlo, nhi = (n_off, n_off + k) if not ln else (min(nlo, n_off), max(nhi, n_off + k))
+        k = p_counts.shape[0]
+        if k and (not n_pos or p_off < plo or p_off + k > phi):
+            plo, phi = (p_off, p_off + k) if not n_pos else (min(plo, p_off), max(phi, p_off + k))
+        new_ln = nhi - nlo
+        size = new_ln + 1 + phi - plo
+        if size == self.ref.shape[0]:
+            return size  # no new key (a layout only grows)
+        shift = nhi - self.nhi  # old negative position i moves to i + shift
+        at = new_ln + 1 + self.plo - plo  # where the old positive keys start
+        for name in ("ref", "win"):
+            old = getattr(self, name)
+            new = np.zeros(size)
+            new[shift : shift + ln] = old[:ln]
+            new[new_ln] = old[ln]
+            new[at : at + n_pos] = old[ln + 1 :]
+            setattr(self, name, new)
+        self.ln, self.nhi, self.plo = new_ln, nhi, plo
+        return size
+
+    def add(self, stores: tuple, out: np.ndarray) -> None:
+        """Add ``stores`` (keys covered) into ``out`` (``ref`` or ``win``)."""
+        n_off, n_counts, zero, p_off, p_counts = stores
+        k = n_counts.shape[0]
+        if k:
+            start = self.nhi - n_off - k
+            out[start : start + k] += n_counts[::-1]
+        out[self.ln] += zero
+        k = p_counts.shape[0]
+        if k:
+            start = self.ln + 1 + p_off - self.plo
+            out[start : start + k] += p_counts
+
+    def remove(self, stores: tuple) -> None:
+        """Subtract a window interval's ``stores`` (added before, so covered) from ``win``."""
+        n_off, n_counts, zero, p_off, p_counts = stores
+        win = self.win
+        k = n_counts.shape[0]
+        if k:
+            start = self.nhi - n_off - k
+            win[start : start + k] -= n_counts[::-1]
+        win[self.ln] -= zero
+        k = p_counts.shape[0]
+        if k:
+            start = self.ln + 1 + p_off - self.plo
+            win[start : start + k] -= p_counts
+
+    def held(self) -> int:
+        """Buckets non-empty in the reference or the window."""
+        return int(np.count_nonzero(self.ref + self.win))
+
+    def reference(self) -> tuple:
+        """The reference as trimmed stores ``(n_off, n_counts, zero, p_off, p_counts)``."""
+        ln = self.ln
+        n_off, n_counts = _trimmed(self.ref[:ln][::-1], self.nhi - ln)
+        p_off, p_counts = _trimmed(self.ref[ln + 1 :], self.plo)
+        return n_off, n_counts, int(self.ref[ln]), p_off, p_counts
+
+    def pair(self) -> _Pair:
+        """The recent window against the reference, aligned as TwoSampleDrift aligns by key."""
+        size = self.ref.shape[0] + 1
+        cp = np.empty(size)
+        cq = np.empty(size)
+        cp[0] = cq[0] = 0.0
+        np.add.accumulate(self.win, out=cp[1:])
+        np.add.accumulate(self.ref, out=cq[1:])
+        return _KeyPair(cp, cq, (self.ln, self.nhi, self.plo, self.log_gamma))
 
 
 class WindowDrift(_HistogramDrift):
@@ -177,8 +347,15 @@ class WindowDrift(_HistogramDrift):
         empty = (np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
         self._reference = empty
         self._n_reference = 0
-        self._window: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # Window intervals: bins tuples on edges, or copies of stores() while keyed.
+        self._window: list[tuple] = []
         self._grid: _Grid | None = None
+        # While every histogram is a LogHistogram of one relative accuracy (decided by the
+        # first, None before it), the reference and the window's sum live in _keys, by bucket
+        # key; a bins tuple or another accuracy moves everything to edges (_grid) for good.
+        self._keyed: bool | None = None
+        self._relative_accuracy: float | None = None
+        self._keys: _Keys | None = None
         # The state's lists of each histogram, packed on the first to_state() that needs them:
         # a histogram does not change once added, and the daemon snapshots after every
         # update, so packing the whole window each time cost as much as the update itself.
@@ -195,7 +372,83 @@ class WindowDrift(_HistogramDrift):
 
     def update(self, histogram: Any) -> None:
         """Add one interval's histogram: a Summary, a LogHistogram or a bins tuple."""
-        bins = as_bins(histogram)
+        if self._keyed is not False:
+            h = _histogram_of(histogram)
+            if h is not None:
+                if self._keyed is None:
+                    self._start_keys(h.relative_accuracy)
+                if h.relative_accuracy == self._relative_accuracy and self._update_keys(
+                    _key_stores(h)
+                ):
+                    return
+            self._to_edges()
+        self._update_edges(as_bins(histogram))
+
+    def _start_keys(self, relative_accuracy: float) -> None:
+        self._keyed = True
+        self._relative_accuracy = relative_accuracy
+        log_gamma = math.log(LogHistogram(relative_accuracy=relative_accuracy).gamma)
+        self._keys = _Keys(log_gamma)
+
+    def _update_keys(self, stores: tuple) -> bool:
+        """One update by bucket key; False (nothing changed) if the layout would grow too wide."""
+        keys = self._keys
+        assert keys is not None
+        size = keys.cover(stores)
+        held = stores[1].shape[0] + stores[4].shape[0]
+        if size > 4 * held + 1024 and size > 4 * keys.held() + 1024:
+            # Mostly keys neither window holds any more (a feature moving across magnitudes):
+            # lay them out afresh; values spread over too many magnitudes go to edges.
+            reference = keys.reference() if self._n_reference else None
+            keys = _Keys.build(keys.log_gamma, reference, [*self._window, stores])
+            if keys.ref.shape[0] > 4 * keys.held() + 1024:
+                return False
+            keys.remove(stores)
+            self._keys = keys
+        if self._n_reference < self.reference_intervals:
+            keys.add(stores, keys.ref)
+            self._packed_reference = None
+            self._n_reference += 1
+            self._hold()
+            return True
+        keys.add(stores, keys.win)
+        window = self._window
+        window.append(stores)
+        self._packed_window.append(None)
+        if len(window) > self.window_intervals:
+            keys.remove(window.pop(0))
+            self._packed_window.pop(0)
+        if len(window) < self.window_intervals:
+            self._hold()
+            return True
+        pair = keys.pair()
+        if not pair.n or not pair.m:
+            self._hold()
+        else:
+            self._evaluate(pair)
+        return True
+
+    def _reference_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reference as ``(lower, upper, counts)``, keyed or not."""
+        if self._keyed and self._n_reference:
+            assert self._keys is not None
+            return _stores_bins(self._keys.reference(), self._keys.log_gamma)
+        return self._reference
+
+    def _to_edges(self) -> None:
+        """Move a keyed detector to bucket edges (what a keyed one has, as bins() has it)."""
+        if self._keyed:
+            keys = self._keys
+            assert keys is not None
+            self._reference = self._reference_bins()
+            self._window = [_stores_bins(s, keys.log_gamma) for s in self._window]
+            self._packed_reference = None
+            self._packed_window = [None] * len(self._window)
+            self._keys = None
+            self._relative_accuracy = None
+        self._keyed = False
+
+    def _update_edges(self, bins: tuple) -> None:
         if self._n_reference < self.reference_intervals:
             self._reference = merge_bins([self._reference, bins])
             self._packed_reference = None
@@ -228,8 +481,14 @@ class WindowDrift(_HistogramDrift):
         self._evaluate(pair)
 
     def to_state(self) -> dict:
-        """JSON-serialisable state; ``from_state`` rebuilds an identical detector."""
-        return {
+        """JSON-serialisable state; ``from_state`` rebuilds an identical detector.
+
+        A keyed detector (every histogram a LogHistogram of one relative accuracy) stores its
+        histograms by bucket key, ``[[neg_offset, zero, pos_offset], neg_counts, pos_counts]``,
+        and names the accuracy under ``"relative_accuracy"``; otherwise they are
+        ``[lower, upper, counts]`` lists.
+        """
+        state = {
             "params": {
                 **self._params(),
                 "reference_intervals": self.reference_intervals,
@@ -240,26 +499,46 @@ class WindowDrift(_HistogramDrift):
             "window": [[list(x) for x in packed] for packed in self._packed_windows()],
             **self._result_state(),
         }
+        if self._keyed:
+            state["relative_accuracy"] = self._relative_accuracy
+        return state
 
     def _packed_ref(self) -> list[list]:
         if self._packed_reference is None:
-            self._packed_reference = _pack(self._reference)
+            if self._keyed and self._n_reference:
+                assert self._keys is not None
+                self._packed_reference = _pack_stores(self._keys.reference())
+            elif self._keyed:
+                self._packed_reference = [[0, 0, 0], [], []]
+            else:
+                self._packed_reference = _pack(self._reference)
         return self._packed_reference
 
     def _packed_windows(self) -> list[list[list]]:
         packed = self._packed_window
-        for i, bins in enumerate(self._window):
+        pack = _pack_stores if self._keyed else _pack
+        for i, item in enumerate(self._window):
             if packed[i] is None:
-                packed[i] = _pack(bins)
+                packed[i] = pack(item)
         return packed  # type: ignore[return-value]
 
     @classmethod
     def from_state(cls, state: dict) -> WindowDrift:
-        """Rebuild a detector from ``to_state()``."""
+        """Rebuild a detector from ``to_state()``, by key or on edges (older states)."""
         det = cls(**state["params"])
-        det._reference = _unpack(state["reference"])
         det._n_reference = int(state["n_reference"])
-        det._window = [_unpack(b) for b in state["window"]]
+        relative_accuracy = state.get("relative_accuracy")
+        if relative_accuracy is not None:
+            det._start_keys(float(relative_accuracy))
+            det._window = [_unpack_stores(b) for b in state["window"]]
+            reference = _unpack_stores(state["reference"]) if det._n_reference else None
+            assert det._keys is not None
+            det._keys = _Keys.build(det._keys.log_gamma, reference, det._window)
+        else:
+            det._reference = _unpack(state["reference"])
+            det._window = [_unpack(b) for b in state["window"]]
+            if det._n_reference or det._window:
+                det._keyed = False  # histograms on edges: they stay so
         det._packed_window = [None] * len(det._window)
         det._load_result_state(state)
         return det

@@ -218,7 +218,7 @@ def test_window_drift_windows_and_reset():
         det.update(s)
         assert det.ready == (i >= 3)
     ref = merge_bins([as_bins(parts[0]), as_bins(parts[1])])
-    for x, y in zip(det._reference, ref, strict=True):
+    for x, y in zip(det._reference_bins(), ref, strict=True):
         np.testing.assert_array_equal(x, y)
     direct = histogram_distances(
         merge_bins([as_bins(parts[3]), as_bins(parts[4])]), ref, alpha=1e-4
