@@ -99,24 +99,27 @@ class _Grid:
 
 
 def _key_stores(histogram: LogHistogram) -> tuple:
-    """A copy of a histogram's ``stores()`` (the detector keeps it; the caller may go on)."""
+    """A copy of a histogram's ``stores()``, counts in float64 (exact integers), the type of
+    the arrays they are added to (the detector keeps it; the caller may go on)."""
     n_off, n_counts, zero, p_off, p_counts = histogram.stores()
-    return int(n_off), n_counts.copy(), int(zero), int(p_off), p_counts.copy()
+    f64 = np.float64
+    return int(n_off), n_counts.astype(f64), int(zero), int(p_off), p_counts.astype(f64)
 
 
 def _pack_stores(stores: tuple) -> list[list]:
     n_off, n_counts, zero, p_off, p_counts = stores
-    return [[n_off, zero, p_off], n_counts.tolist(), p_counts.tolist()]
+    i64 = np.int64
+    return [[n_off, zero, p_off], n_counts.astype(i64).tolist(), p_counts.astype(i64).tolist()]
 
 
 def _unpack_stores(packed: list[list]) -> tuple:
     (n_off, zero, p_off), n_counts, p_counts = packed
     return (
         int(n_off),
-        np.asarray(n_counts, dtype=np.int64),
+        np.asarray(n_counts, dtype=np.float64),
         int(zero),
         int(p_off),
-        np.asarray(p_counts, dtype=np.int64),
+        np.asarray(p_counts, dtype=np.float64),
     )
 
 
@@ -158,9 +161,10 @@ class _Keys:
     Summaries): an update adds the arriving interval's stores and subtracts the leaving one's
     with slice adds, and the pair is read off the two arrays, with no bucket edges computed.
     Both arrays follow the dense layout of :class:`~.histogram_distance._KeyPair`: negative
-    keys ``nhi - 1`` down to ``nhi - ln`` at positions ``0 .. ln - 1`` (ascending by value),
-    the zero bucket at ``ln``, positive keys from ``plo`` at ``ln + 1`` on. Counts are
-    integers held in float64 (exact), the type the CDFs are accumulated in.
+    keys ``nhi - 1`` down to ``nhi - ln`` at layout positions ``0 .. ln - 1`` (ascending by
+    value), the zero bucket at ``ln``, positive keys from ``plo`` at ``ln + 1`` on, each
+    stored one further on: element 0 is always 0, so a cumulative sum is the pair's CDF
+    counts as they are. Counts are integers held in float64 (exact), the CDFs' type.
     """
 
     __slots__ = ("ln", "log_gamma", "nhi", "plo", "ref", "win")
@@ -168,8 +172,8 @@ class _Keys:
     def __init__(self, log_gamma: float) -> None:
         self.log_gamma = log_gamma
         self.ln = self.nhi = self.plo = 0
-        self.ref = np.zeros(1)
-        self.win = np.zeros(1)
+        self.ref = np.zeros(2)
+        self.win = np.zeros(2)
 
     @classmethod
     def build(cls, log_gamma: float, reference: tuple | None, window: list[tuple]) -> _Keys:
@@ -186,7 +190,7 @@ class _Keys:
         """Widen the layout to hold the keys of ``stores``; returns the new width."""
         n_off, n_counts, _, p_off, p_counts = stores
         ln, nhi, plo = self.ln, self.nhi, self.plo
-        n_pos = self.ref.shape[0] - ln - 1
+        n_pos = self.ref.shape[0] - ln - 2
         nlo, phi = nhi - ln, plo + n_pos
         k = n_counts.shape[0]
         if k and (not ln or n_off < nlo or n_off + k > nhi):
@@ -196,16 +200,18 @@ class _Keys:
             plo, phi = (p_off, p_off + k) if not n_pos else (min(plo, p_off), max(phi, p_off + k))
         new_ln = nhi - nlo
         size = new_ln + 1 + phi - plo
-        if size == self.ref.shape[0]:
+        if size + 1 == self.ref.shape[0]:
             return size  # no new key (a layout only grows)
-        shift = nhi - self.nhi  # old negative position i moves to i + shift
-        at = new_ln + 1 + self.plo - plo  # where the old positive keys start
+        shift = 1 + nhi - self.nhi  # old negative element i moves to i + shift - 1
+        at = new_ln + 2 + self.plo - plo  # where the old positive keys start
         for name in ("ref", "win"):
             old = getattr(self, name)
-            new = np.zeros(size)
-            new[shift : shift + ln] = old[:ln]
-            new[new_ln] = old[ln]
-            new[at : at + n_pos] = old[ln + 1 :]
+            new = np.zeros(size + 1)
+            if ln:
+                new[shift : shift + ln] = old[1 : ln + 1]
+            new[new_ln + 1] = old[ln + 1]
+            if n_pos:
+                new[at : at + n_pos] = old[ln + 2 :]
             setattr(self, name, new)
         self.ln, self.nhi, self.plo = new_ln, nhi, plo
         return size
@@ -215,12 +221,13 @@ class _Keys:
         n_off, n_counts, zero, p_off, p_counts = stores
         k = n_counts.shape[0]
         if k:
-            start = self.nhi - n_off - k
+            start = self.nhi - n_off - k + 1
             out[start : start + k] += n_counts[::-1]
-        out[self.ln] += zero
+        if zero:
+            out[self.ln + 1] += zero
         k = p_counts.shape[0]
         if k:
-            start = self.ln + 1 + p_off - self.plo
+            start = self.ln + 2 + p_off - self.plo
             out[start : start + k] += p_counts
 
     def remove(self, stores: tuple) -> None:
@@ -229,12 +236,13 @@ class _Keys:
         win = self.win
         k = n_counts.shape[0]
         if k:
-            start = self.nhi - n_off - k
+            start = self.nhi - n_off - k + 1
             win[start : start + k] -= n_counts[::-1]
-        win[self.ln] -= zero
+        if zero:
+            win[self.ln + 1] -= zero
         k = p_counts.shape[0]
         if k:
-            start = self.ln + 1 + p_off - self.plo
+            start = self.ln + 2 + p_off - self.plo
             win[start : start + k] -= p_counts
 
     def held(self) -> int:
@@ -244,19 +252,14 @@ class _Keys:
     def reference(self) -> tuple:
         """The reference as trimmed stores ``(n_off, n_counts, zero, p_off, p_counts)``."""
         ln = self.ln
-        n_off, n_counts = _trimmed(self.ref[:ln][::-1], self.nhi - ln)
-        p_off, p_counts = _trimmed(self.ref[ln + 1 :], self.plo)
-        return n_off, n_counts, int(self.ref[ln]), p_off, p_counts
+        n_off, n_counts = _trimmed(self.ref[1 : ln + 1][::-1], self.nhi - ln)
+        p_off, p_counts = _trimmed(self.ref[ln + 2 :], self.plo)
+        return n_off, n_counts, int(self.ref[ln + 1]), p_off, p_counts
 
     def pair(self) -> _Pair:
         """The recent window against the reference, aligned as TwoSampleDrift aligns by key."""
-        size = self.ref.shape[0] + 1
-        cp = np.empty(size)
-        cq = np.empty(size)
-        cp[0] = cq[0] = 0.0
-        np.add.accumulate(self.win, out=cp[1:])
-        np.add.accumulate(self.ref, out=cq[1:])
-        return _KeyPair(cp, cq, (self.ln, self.nhi, self.plo, self.log_gamma))
+        add = np.add.accumulate
+        return _KeyPair(add(self.win), add(self.ref), (self.ln, self.nhi, self.plo, self.log_gamma))
 
 
 class WindowDrift(_HistogramDrift):
@@ -401,7 +404,7 @@ class WindowDrift(_HistogramDrift):
             # lay them out afresh; values spread over too many magnitudes go to edges.
             reference = keys.reference() if self._n_reference else None
             keys = _Keys.build(keys.log_gamma, reference, [*self._window, stores])
-            if keys.ref.shape[0] > 4 * keys.held() + 1024:
+            if keys.ref.shape[0] - 1 > 4 * keys.held() + 1024:
                 return False
             keys.remove(stores)
             self._keys = keys
