@@ -154,6 +154,39 @@ def _stores_bins(stores: tuple, log_gamma: float) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(lowers), np.concatenate(uppers), np.concatenate(counts)
 
 
+def _bins_stores(bins: tuple, log_gamma: float) -> tuple | None:
+    """The stores whose ``bins()`` are ``bins`` bit for bit, or None if there are none (edges
+    of another accuracy, a bucket listed with a count of 0)."""
+    lower, upper, counts = bins
+    if counts.shape[0] and not np.minimum.reduce(counts) > 0:
+        return None
+    out: list = []
+    for sign in (-1.0, 1.0):
+        side = upper * sign > 0.0
+        mag_upper, mag_lower = upper[side] * sign, lower[side] * sign
+        if sign < 0.0:  # a negative bucket's upper edge is its magnitude's lower edge
+            mag_upper, mag_lower = mag_lower[::-1], mag_upper[::-1]
+        with np.errstate(all="ignore"):  # an infinite edge gives a key that fails the check
+            keys = np.rint(np.log(mag_upper) / log_gamma).astype(np.int64)
+        kf = keys.astype(np.float64)
+        if not (
+            np.array_equal(np.exp(kf * log_gamma), mag_upper)
+            and np.array_equal(np.exp((kf - 1.0) * log_gamma), mag_lower)
+        ):
+            return None
+        if not keys.shape[0]:
+            out += [0, np.zeros(0)]
+            continue
+        store = np.zeros(int(keys[-1] - keys[0]) + 1)
+        store[keys - keys[0]] = counts[side][:: int(sign)]
+        out += [int(keys[0]), store]
+    at_zero = upper == 0.0
+    zero = counts[at_zero]
+    if zero.shape[0] > 1 or not np.array_equal(lower[at_zero], upper[at_zero]):
+        return None
+    return out[0], out[1], int(zero.sum()), out[2], out[3]
+
+
 class _Keys:
     """The reference and the recent window's sum as counts by integer bucket key (private).
 
@@ -357,6 +390,7 @@ class WindowDrift(_HistogramDrift):
         # first, None before it), the reference and the window's sum live in _keys, by bucket
         # key; a bins tuple or another accuracy moves everything to edges (_grid) for good.
         self._keyed: bool | None = None
+        self._convertible = False  # on edges from an older state: try keys on the next update
         self._relative_accuracy: float | None = None
         self._keys: _Keys | None = None
         # The state's lists of each histogram, packed on the first to_state() that needs them:
@@ -375,6 +409,11 @@ class WindowDrift(_HistogramDrift):
 
     def update(self, histogram: Any) -> None:
         """Add one interval's histogram: a Summary, a LogHistogram or a bins tuple."""
+        if self._convertible:
+            self._convertible = False
+            h = _histogram_of(histogram)
+            if h is not None:
+                self._from_edges(h.relative_accuracy)
         if self._keyed is not False:
             h = _histogram_of(histogram)
             if h is not None:
@@ -392,6 +431,27 @@ class WindowDrift(_HistogramDrift):
         self._relative_accuracy = relative_accuracy
         log_gamma = math.log(LogHistogram(relative_accuracy=relative_accuracy).gamma)
         self._keys = _Keys(log_gamma)
+
+    def _from_edges(self, relative_accuracy: float) -> None:
+        """Move to keys a detector restored on edges, if its buckets are of this accuracy."""
+        self._start_keys(relative_accuracy)
+        assert self._keys is not None
+        log_gamma = self._keys.log_gamma
+        reference = _bins_stores(self._reference, log_gamma) if self._n_reference else None
+        window = [_bins_stores(bins, log_gamma) for bins in self._window]
+        keys = None
+        if (reference is not None or not self._n_reference) and None not in window:
+            keys = _Keys.build(log_gamma, reference, window)  # type: ignore[arg-type]
+        if keys is None or keys.ref.shape[0] - 1 > 4 * keys.held() + 1024:
+            self._keyed = False  # stay on edges
+            self._keys = self._relative_accuracy = None
+            return
+        self._keys = keys
+        self._window = window  # type: ignore[assignment]
+        self._reference = (np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+        self._grid = None
+        self._packed_reference = None
+        self._packed_window = [None] * len(window)
 
     def _update_keys(self, stores: tuple) -> bool:
         """One update by bucket key; False (nothing changed) if the layout would grow too wide."""
@@ -541,7 +601,10 @@ class WindowDrift(_HistogramDrift):
             det._reference = _unpack(state["reference"])
             det._window = [_unpack(b) for b in state["window"]]
             if det._n_reference or det._window:
-                det._keyed = False  # histograms on edges: they stay so
+                # On edges (a state from before keys): moved to keys on the first update if
+                # its buckets are those of that update's LogHistogram.
+                det._keyed = False
+                det._convertible = True
         det._packed_window = [None] * len(det._window)
         det._load_result_state(state)
         return det

@@ -82,7 +82,8 @@ def test_keyed_equals_edges_and_direct_recomputation(kind, distance):
 def test_keyed_state_round_trip_and_old_edge_states():
     # A keyed state names the accuracy and holds stores; restoring it continues exactly. A
     # state of the edge format (as every state written before keys was) still loads, mid
-    # reference phase or mid window, and continues with the same results.
+    # reference phase or mid window, moves to keys on its first Summary (its buckets are
+    # those of that accuracy) and continues with the same results.
     parts = stream("signs", seed=3)
     keyed = WindowDrift(reference_intervals=5, window_intervals=3, distance="ks")
     edges = WindowDrift(reference_intervals=5, window_intervals=3, distance="ks")
@@ -103,7 +104,9 @@ def test_keyed_state_round_trip_and_old_edge_states():
                     det.update(s2)
                 assert result(from_keys) == result(live)
                 assert result(from_old) == result(live)
+                assert from_old._keyed
                 assert from_keys.to_state() == live.to_state()
+    assert from_old.to_state() == live.to_state()
     fresh = WindowDrift.from_state(WindowDrift().to_state())
     fresh.update(parts[0])
     assert fresh._keyed  # an empty old-format state picks keys on its first Summary
@@ -165,3 +168,24 @@ def test_layout_of_keys_is_laid_out_afresh_when_mostly_empty():
         assert keyed.distances == edges.distances
         widths.append(keyed._keys.ref.shape[0])
     assert max(widths) > 1400 and widths[-1] < max(widths)  # rebuilt, narrower
+
+
+def test_old_state_on_other_edges_stays_on_edges():
+    # An edge-format state whose buckets are not those of the Summaries that follow (bins of
+    # another accuracy) stays on edges, with the results of a detector on edges all along.
+    rng = np.random.default_rng(21)
+    old = WindowDrift(reference_intervals=3, window_intervals=2, distance="js")
+    edges = WindowDrift(reference_intervals=3, window_intervals=2, distance="js")
+    for _ in range(6):
+        s = Summary.from_values(rng.lognormal(0, 1, 300), relative_accuracy=0.02)
+        old.update(s.histogram.bins())
+        edges.update(s.histogram.bins())
+    det = WindowDrift.from_state(json.loads(json.dumps(old.to_state())))
+    for i in range(10):
+        s = Summary.from_values(rng.lognormal(0.5 * (i > 4), 1, 300))
+        det.update(s)
+        edges.update(s.histogram.bins())
+        assert not det._keyed
+        assert result(det) == result(edges)
+        assert det.distances == edges.distances
+    assert det.to_state() == edges.to_state()
