@@ -59,7 +59,9 @@ class _Grid:
     def _locate(self, upper: np.ndarray) -> np.ndarray:
         edges = self.edges
         idx = edges.searchsorted(upper)
-        if upper.shape[0] and not (edges.take(idx, mode="clip") == upper).all():
+        if upper.shape[0] and (
+            not edges.shape[0] or not (edges.take(idx, mode="clip") == upper).all()
+        ):
             # Buckets the grid has not seen yet: add their edges, move the counts over.
             old = (edges, self.win, self.seen, self.ref, self.ref_seen)
             self._set(np.union1d(edges, upper))

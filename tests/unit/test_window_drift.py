@@ -189,3 +189,15 @@ def test_old_state_on_other_edges_stays_on_edges():
         assert result(det) == result(edges)
         assert det.distances == edges.distances
     assert det.to_state() == edges.to_state()
+
+
+@pytest.mark.parametrize("as_tuples", [False, True])
+def test_empty_intervals_then_values(as_tuples):
+    # Reference and first window empty (held), then values: the window grows from nothing
+    # (on edges this raised an IndexError on the empty grid).
+    det = WindowDrift(reference_intervals=1, window_intervals=1)
+    values = Summary.from_values(np.arange(1.0, 50.0))
+    for s in (Summary(), Summary(), values, values):
+        det.update(s.histogram.bins() if as_tuples else s)
+        assert not det.alarm and det.score == 0.0  # the reference stays empty: no evaluation
+    assert det._keyed is not as_tuples
