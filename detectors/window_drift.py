@@ -202,13 +202,16 @@ class _Keys:
     counts as they are. Counts are integers held in float64 (exact), the CDFs' type.
     """
 
-    __slots__ = ("ln", "log_gamma", "nhi", "plo", "ref", "win")
+    __slots__ = ("_cq", "ln", "log_gamma", "nhi", "plo", "ref", "win")
 
     def __init__(self, log_gamma: float) -> None:
         self.log_gamma = log_gamma
         self.ln = self.nhi = self.plo = 0
         self.ref = np.zeros(2)
         self.win = np.zeros(2)
+        # The reference's CDF counts, read-only and shared by the pairs: the reference is
+        # frozen once complete, so they change only when the layout grows.
+        self._cq: np.ndarray | None = None
 
     @classmethod
     def build(cls, log_gamma: float, reference: tuple | None, window: list[tuple]) -> _Keys:
@@ -249,10 +252,13 @@ class _Keys:
                 new[at : at + n_pos] = old[ln + 2 :]
             setattr(self, name, new)
         self.ln, self.nhi, self.plo = new_ln, nhi, plo
+        self._cq = None
         return size
 
     def add(self, stores: tuple, out: np.ndarray) -> None:
         """Add ``stores`` (keys covered) into ``out`` (``ref`` or ``win``)."""
+        if out is self.ref:
+            self._cq = None
         n_off, n_counts, zero, p_off, p_counts = stores
         k = n_counts.shape[0]
         if k:
@@ -293,8 +299,12 @@ class _Keys:
 
     def pair(self) -> _Pair:
         """The recent window against the reference, aligned as TwoSampleDrift aligns by key."""
-        add = np.add.accumulate
-        return _KeyPair(add(self.win), add(self.ref), (self.ln, self.nhi, self.plo, self.log_gamma))
+        cq = self._cq
+        if cq is None:
+            cq = self._cq = np.add.accumulate(self.ref)
+            cq.flags.writeable = False
+        cp = np.add.accumulate(self.win)
+        return _KeyPair(cp, cq, (self.ln, self.nhi, self.plo, self.log_gamma))
 
 
 class WindowDrift(_HistogramDrift):
