@@ -8,7 +8,8 @@ Prints markdown tables (paste into bench/README.md, section "Drift and anomaly")
    (expected_run_length=10,000) beside river's ADWIN, PageHinkley and KSWIN with their defaults;
 2. the per-update cost of each detector;
 3. anomaly detection on a seasonal series (SeasonalZScore);
-4. histogram drift and calibration drift: false alarms per 10,000 evaluations and cost;
+4. histogram drift and calibration drift: false alarms per 10,000 evaluations and cost (WindowDrift
+   also on Summaries, the daemon's input, with and without a snapshot after each update);
 5. batched histogram drift (``--only batched``): ``TwoSampleDrift.update_many`` per-update cost
    by batch size, and the evaluate engine's drift cost when thousands of experiments tick at
    once (``Engine.apply_summaries``).
@@ -297,6 +298,29 @@ def bench_summary_inputs(evaluations: int) -> None:
     )
 
 
+def bench_window_summaries(evaluations: int) -> None:
+    """WindowDrift on what the daemon passes (Summaries, aligned by bucket key), with and
+    without the snapshot after every update."""
+    rng = np.random.default_rng(402)
+    pool = [Summary.from_values(rng.lognormal(0.0, 1.0, 300)) for _ in range(200)]
+    costs = {}
+    for label, snapshot in (("update", False), ("update + to_state", True)):
+        det = WindowDrift(expected_run_length=ARL, reference_intervals=24, window_intervals=6)
+        for s in pool[:30]:
+            det.update(s)
+        start = cpu_clock()
+        for i in range(evaluations):
+            det.update(pool[i % 200])
+            if snapshot:
+                det.to_state()
+        costs[label] = (cpu_clock() - start) / evaluations * 1e6
+    print(
+        f"WindowDrift on Summaries (300 lognormal values each, relative accuracy 0.01, "
+        f"reference 24, window 6): {costs['update']:.0f} us per update, "
+        f"{costs['update + to_state']:.0f} us with to_state() after each update."
+    )
+
+
 def bench_histograms(evaluations: int) -> None:
     print("### Histogram drift and model-quality drift\n")
     rng = np.random.default_rng(400)
@@ -355,6 +379,7 @@ def bench_histograms(evaluations: int) -> None:
         f"{det.n_alarms / evaluations * 1e4:.1f} false alarms per 10,000 evaluations, "
         f"{us:.0f} us per update."
     )
+    bench_window_summaries(min(evaluations, 2_000))
 
     det = CalibrationDrift(expected_run_length=ARL, window_intervals=1)
     p = rng.beta(2, 5, size=(evaluations, 300))
