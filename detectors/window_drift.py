@@ -323,6 +323,11 @@ class WindowDrift(_HistogramDrift):
     with a daily cycle needs windows spanning whole days (or a reference of the same hours).
     ``reset_reference()`` starts a new reference (e.g. after an operator accepts a drift).
 
+    While every histogram is a Summary or LogHistogram of one relative accuracy (the daemon's
+    case), the windows are kept as counts by integer bucket key, as ``TwoSampleDrift`` aligns
+    two such histograms; a bins tuple or another accuracy moves the detector to bucket edges
+    until ``reset_reference()``. Both give the same merged bins, distances and alarms.
+
     Parameters
     ----------
     expected_run_length
