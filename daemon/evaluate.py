@@ -40,6 +40,14 @@ log = logging.getLogger("armguard.evaluate")
 _RESTORE_FETCH_BYTES = 16 * 1024 * 1024
 
 
+# Engine counters of summary records that were skipped -> the reason label of
+# armguard_records_skipped_total{topic=<summaries topic>}.
+_SKIPPED_SUMMARIES = {
+    "summaries_invalid": "invalid_summary",
+    "summaries_unknown_experiment": "unknown_experiment",
+}
+
+
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, stage: EvaluateStage):
         self.stage = stage
@@ -158,7 +166,9 @@ class EvaluateStage:
     def summary(self) -> str:
         c = self.engine.counters
         return (
-            f"evaluate: {c['summaries']} summaries, {c['killswitch_events']} kill-switch events, "
+            f"evaluate: {c['summaries']} summaries ({c['summaries_invalid']} invalid and "
+            f"{c['summaries_unknown_experiment']} of unknown experiments skipped), "
+            f"{c['killswitch_events']} kill-switch events, "
             f"{c['decisions']} decisions, {c['commands_applied']} commands applied, "
             f"{c['commands_rejected']} rejected"
         )
@@ -312,6 +322,8 @@ class EvaluateStage:
         items = [(tp, rec) for tp, rec in items if rec.offset >= self._next.get(tp, 0)]
         if not items:
             return
+        counters = self.engine.counters
+        rejected_before = {k: counters[k] for k in _SKIPPED_SUMMARIES}
         # Commands and summaries of one partition are applied in (timestamp, topic, offset)
         # order: a pure function of the input, so replay and restarts agree.
         items.sort(key=lambda it: (it[1].timestamp, it[0].topic, it[1].offset))
@@ -359,6 +371,12 @@ class EvaluateStage:
         outputs.extend(self.engine.snapshots())
         await self._commit(p, outputs, offsets)
         self._next.update(offsets)
+        # Summary records the engine could not use (malformed, or of an experiment that is not
+        # configured) are skipped, never silent: counted once their batch is committed.
+        for key, reason in _SKIPPED_SUMMARIES.items():
+            n = counters[key] - rejected_before[key]
+            if n:
+                self.metrics.records_skipped.labels(topic=summaries, reason=reason).inc(n)
         self.metrics.batch_duration.labels(stage=self.name).observe(time.monotonic() - started)
 
     async def _commit(

@@ -140,6 +140,37 @@ async def test_regression_kills_only_the_bad_arm_once_and_metrics_show_it(setup)
     assert "armguard stopped" in d.log.read_text()
 
 
+async def test_unusable_summaries_are_skipped_and_counted_not_silent(setup):
+    d = setup.daemon().start()
+    await asyncio.to_thread(d.wait_ready)
+    records = regression_stream(23, n_batches=30, bad_arm="t1", start_batch_bad=5)
+    bad = [
+        b"not json",
+        orjson.dumps({"v": 2, "experiment": "ranker", "arms": ["control"], "count": [1, 2]}),
+        orjson.dumps({"v": 9, "experiment": "ranker"}),
+    ]
+    other = orjson.dumps({**orjson.loads(records[0]), "experiment": "not-configured"})
+    # The unusable records sit among good ones; the good ones still decide.
+    await setup.feed([*records[:3], *bad, other, *records[3:]])
+    await setup.processed(len(records) + len(bad) + 1)
+    assert [e["data"]["arms"]["t1"] for e in await setup.killswitch()] == ["killed"]
+
+    status, body = d.get("/metrics")
+    assert status == 200
+    text = body.decode()
+    summaries = setup.topics.summaries
+    assert (
+        f'armguard_records_skipped_total{{reason="invalid_summary",topic="{summaries}"}} 3.0'
+        in text
+    )
+    assert (
+        f'armguard_records_skipped_total{{reason="unknown_experiment",topic="{summaries}"}} 1.0'
+        in text
+    )
+    assert d.stop() == 0
+    assert "3 invalid and 1 of unknown experiments skipped" in d.log.read_text()
+
+
 async def test_operator_commands_resume_override_and_forgery(setup):
     d = setup.daemon().start()
     await asyncio.to_thread(d.wait_ready)
