@@ -597,10 +597,8 @@ class PartitionAccumulator:
                 row_name = (series - row_gid * n_names).tolist()
                 lo = series.searchsorted(labels[first] * n_names).tolist()
                 hi = series.searchsorted(labels[end - 1] * n_names + n_names).tolist()
-                mb = gs.max_bins
             else:
                 gs = None
-                mb = _MAX_BINS
             head = {
                 "experiment": None,
                 "config_version": c.config_version,
@@ -629,8 +627,6 @@ class PartitionAccumulator:
                     **head,
                     "experiment": exp_ids[e],
                     "span": {"min_ts": span_min[k], "max_ts": span_max[k]},
-                    "ra": ra,
-                    "mb": mb,
                     "arms": arm_names[a:b],
                     "count": count_list[a:b],
                 }
@@ -640,6 +636,8 @@ class PartitionAccumulator:
                     if rows is None:  # an arm's histogram collapsed: not columnar
                         rec = _v1_record(rec, labels[a:b].tolist(), gs, names)
                     else:
+                        rec["ra"] = ra
+                        rec["mb"] = gs.max_bins
                         rec["names"] = names
                         rows["arm"] = row_arm[i:j]
                         rows["name"] = row_name[i:j]
@@ -687,9 +685,6 @@ def _v1_record(
         arms[arm] = body
     keep = ("experiment", "config_version", "source", "offsets", "span")
     return {"v": 1, **{key: rec[key] for key in keep}, "arms": arms}
-
-
-_MAX_BINS = 2048  # the histograms' default bound, written when a record has no histogram
 
 
 def _encoded(record: dict[str, Any], value: bytes) -> tuple[bytes, bytes]:

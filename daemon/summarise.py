@@ -42,11 +42,20 @@ _TINY = float(np.finfo(np.float64).tiny)  # the zero bucket's bound, as in LogHi
 
 
 class _Stores:
-    """The histogram stores (one sign) of every group, in the encoding ``Summary.to_state()``
-    chooses for each: the non-empty buckets as (key, count) pairs, concatenated group after
-    group, and dense counts for the groups stored dense, concatenated likewise."""
+    """The histogram stores (one sign) of every group: the non-empty buckets as (key, count)
+    pairs, concatenated group after group (what a version-2 summary record holds), and on
+    demand (:meth:`columns`) the encoding ``Summary.to_state()`` chooses for each group."""
 
-    __slots__ = ("dense", "nnz", "offsets", "pair_counts", "pair_keys", "sparse", "starts", "wide")
+    __slots__ = (
+        "nnz",
+        "offsets",
+        "pair_counts",
+        "pair_keys",
+        "pair_seg",
+        "starts",
+        "wide",
+        "width",
+    )
 
     def __init__(self, keys: np.ndarray, seg: np.ndarray, n_groups: int, max_bins: int) -> None:
         """``keys``: bucket keys of the values whose group position is ``seg`` (any order)."""
@@ -59,36 +68,55 @@ class _Stores:
         offsets[present] = pair_keys[starts[present]]
         width[present] = pair_keys[starts[present] + nnz[present] - 1] - offsets[present] + 1
         # Wider than max_bins: the collapsing store decides which buckets merge (GroupSummaries
-        # summarises those groups one by one). Same choice as _sparse_is_smaller in summary.py.
+        # summarises those groups one by one).
         self.wide = width > max_bins
-        self.sparse = present & ~self.wide & (2 * nnz < width + 1)
-        dense = present & ~self.wide & ~self.sparse
-        d_width = np.where(dense, width, 0)
-        d_base = np.r_[0, np.cumsum(d_width)[:-1]]
-        in_dense = dense[pair_seg]
-        d_seg = pair_seg[in_dense]
-        d_counts = np.zeros(int(d_width.sum()), dtype=np.int64)
-        d_counts[d_base[d_seg] + pair_keys[in_dense] - offsets[d_seg]] = pair_counts[in_dense]
         self.offsets = offsets
+        self.width = width
         self.starts = starts
         self.nnz = nnz
+        self.pair_seg = pair_seg
         self.pair_keys = pair_keys
         self.pair_counts = pair_counts
-        self.dense = (d_base, d_width, d_counts)
 
     def columns(self, numpy_counts: bool) -> tuple[Any, ...]:
         """Per group (lists): kind (0 empty, 1 dense, 2 sparse), the dense offset, the start
         and length of its slice; then the three concatenated arrays the slices index (pair
-        keys, pair counts, dense counts), as int64 arrays or lists."""
-        d_base, d_width, d_counts = self.dense
-        sparse = self.sparse
+        keys, pair counts, dense counts), as int64 arrays or lists. Dense or sparse is the
+        choice of ``_sparse_is_smaller`` in summary.py, so states come out byte-identical."""
+        nnz, width, offsets = self.nnz, self.width, self.offsets
+        present = (nnz > 0) & ~self.wide
+        sparse = present & (2 * nnz < width + 1)
+        dense = present & ~sparse
+        d_width = np.where(dense, width, 0)
+        d_base = np.r_[0, np.cumsum(d_width)[:-1]]
+        pair_seg, pair_keys = self.pair_seg, self.pair_keys
+        in_dense = dense[pair_seg]
+        d_seg = pair_seg[in_dense]
+        d_counts = np.zeros(int(d_width.sum()), dtype=np.int64)
+        d_counts[d_base[d_seg] + pair_keys[in_dense] - offsets[d_seg]] = self.pair_counts[in_dense]
         kind = np.where(sparse, 2, np.where(d_width > 0, 1, 0))
         at = np.where(sparse, self.starts, d_base)
-        length = np.where(sparse, self.nnz, d_width)
-        arrays = (self.pair_keys, self.pair_counts, d_counts)
+        length = np.where(sparse, nnz, d_width)
+        arrays = (pair_keys, self.pair_counts, d_counts)
         if not numpy_counts:
             arrays = tuple(a.tolist() for a in arrays)
-        return (kind.tolist(), self.offsets.tolist(), at.tolist(), length.tolist(), *arrays)
+        return (kind.tolist(), offsets.tolist(), at.tolist(), length.tolist(), *arrays)
+
+
+def _store_state(cols: tuple[Any, ...] | None, j: int) -> list[Any]:
+    """Group ``j``'s store as ``Summary.to_state()`` encodes it, from :meth:`_Stores.columns`:
+    ``[offset, dense counts]``, ``[keys, counts]`` or ``[0, []]`` when empty."""
+    if cols is None:
+        return [0, []]
+    kind, off, at, length, keys, pcounts, dcounts = cols
+    k = kind[j]
+    b = at[j]
+    e = b + length[j]
+    if k == 2:
+        return [keys[b:e], pcounts[b:e]]
+    if k:
+        return [off[j], dcounts[b:e]]
+    return [0, []]
 
 
 def _distinct_pairs(seg: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,7 +230,6 @@ class GroupSummaries:
         self._cols = (
             counts.tolist(),
             sums.tolist(),
-            means.tolist(),
             m2.tolist(),
             mins.tolist(),
             maxs.tolist(),
@@ -256,7 +283,7 @@ class GroupSummaries:
                 )
                 for st in self._stores
             )
-        counts, sums, _, m2s, mins, maxs, zeros = self._cols
+        counts, sums, m2s, mins, maxs, zeros = self._cols
         out: dict[str, Any] = {
             "count": counts[a:b],
             "sum": sums[a:b],
@@ -279,47 +306,27 @@ class GroupSummaries:
         """The ``Summary.to_state()`` dict of the group at position ``j``."""
         if self._wide and j in self._wide:
             return self._wide[j]
-        counts, sums, means, m2s, mins, maxs, zeros = self._cols
+        counts, sums, m2s, mins, maxs, zeros = self._cols
         if self._state_cols is None:
             self._state_cols = tuple(
                 None if st is None else st.columns(self._numpy_counts) for st in self._stores
             )
         pos_cols, neg_cols = self._state_cols
-        # Each store as Summary.to_state() encodes it: [offset, dense counts] or [keys, counts]
-        # (inlined: this runs once per group and metric, 100,000 times a flush).
-        pos: list[Any] = [0, []]
-        neg: list[Any] = [0, []]
-        cols = pos_cols
-        if cols is not None:
-            kind, off, at, length, keys, pcounts, dcounts = cols
-            k = kind[j]
-            if k == 2:
-                b = at[j]
-                e = b + length[j]
-                pos = [keys[b:e], pcounts[b:e]]
-            elif k:
-                b = at[j]
-                pos = [off[j], dcounts[b : b + length[j]]]
-        cols = neg_cols
-        if cols is not None:
-            kind, off, at, length, keys, pcounts, dcounts = cols
-            k = kind[j]
-            if k == 2:
-                b = at[j]
-                e = b + length[j]
-                neg = [keys[b:e], pcounts[b:e]]
-            elif k:
-                b = at[j]
-                neg = [off[j], dcounts[b : b + length[j]]]
         return {
             "v": 1,
             "n": counts[j],
             "sum": sums[j],
-            "mean": means[j],
+            "mean": sums[j] / counts[j],  # as ``means`` above: one correctly rounded division
             "m2": m2s[j],
             "min": mins[j],
             "max": maxs[j],
-            "h": {"ra": self._ra, "mb": self._mb, "p": pos, "n": neg, "z": zeros[j]},
+            "h": {
+                "ra": self._ra,
+                "mb": self._mb,
+                "p": _store_state(pos_cols, j),
+                "n": _store_state(neg_cols, j),
+                "z": zeros[j],
+            },
         }
 
 

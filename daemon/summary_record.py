@@ -13,9 +13,10 @@ one table of columns, so a flush of 10,000 experiments builds 10,000 small table
 
 .. code-block:: text
 
-    "v": 2, "ra": 0.01, "mb": 2048,          # histogram relative accuracy and max bins
+    "v": 2,
     "arms": ["control", "treatment"],        # arms with records in this flush
     "count": [523, 498],                     # their record counts (SRM counts these)
+    "ra": 0.01, "mb": 2048,                  # histogram relative accuracy and max bins
     "names": [["metrics", "latency_ms"], ["features", "query_length"]],
     "rows": {                                # one entry per series, in every column:
         "arm": [0, 0, 1, 1],                 #   its arm (index in "arms")
@@ -26,7 +27,8 @@ one table of columns, so a flush of 10,000 experiments builds 10,000 small table
         "neg": [nonzero, keys, counts]}      #   the number of non-empty buckets, then the
                                              #   keys and counts of all rows concatenated
                                              #   ("pos"/"neg" absent: no value of that sign;
-                                             #   "names" and "rows" absent: no values at all)
+                                             #   "ra", "mb", "names" and "rows" absent: no
+                                             #   metric or feature values at all)
 
 Each row is exactly the :class:`~armguard.detectors.summary.Summary` whose state is
 ``{"v": 1, "n": count, "sum": sum, "mean": sum / count, "m2": m2, "min": min, "max": max,
