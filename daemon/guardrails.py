@@ -228,19 +228,11 @@ class GuardrailRunner:
         else:
             st.level = "ok"
 
-    def evaluate_interval(
-        self, interval: dict[str, ArmData], cumulative: dict[str, ArmData], t: float
-    ) -> None:
-        """Drift and anomaly: run once per evaluation interval (event time ``t``)."""
-        pair = self.start_interval(interval, cumulative, t)
-        if pair is not None:
-            type(self.detector).update_many([self.detector], [pair])
-            self.finish_interval()
-
     def start_interval(
         self, interval: dict[str, ArmData], cumulative: dict[str, ArmData], t: float
     ) -> tuple[Summary, Summary] | None:
-        """:meth:`evaluate_interval` up to the detector's update, for batching.
+        """Drift and anomaly, once per evaluation interval (event time ``t``), up to the
+        detector's update.
 
         A treatment-against-control drift guardrail with data in both arms returns its
         ``(treatment, control)`` pair: the caller updates the detector (many of them at once,

@@ -140,10 +140,6 @@ class Replayer:
         yield from self.summary_run(run)
         yield from self.engine.snapshots()
 
-    def summary(self, value: bytes, *, partition: int, offset: int) -> Iterator[Output]:
-        """Apply one summary record as the evaluate stage would."""
-        yield from self.summary_run([(value, partition, offset)])
-
     def summary_run(self, records: list[tuple[bytes, int, int]]) -> Iterator[Output]:
         """Apply a run of ``(value, partition, offset)`` summary records (no command between
         them) as the evaluate stage would: drift updates batched, decisions as one by one."""
