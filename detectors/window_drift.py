@@ -133,27 +133,23 @@ def _trimmed(counts: np.ndarray, offset: int) -> tuple[int, np.ndarray]:
     return offset + a, counts[a : b + 1].astype(np.int64)
 
 
-def _stores_bins(stores: tuple, log_gamma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``LogHistogram.bins()`` of stores, bit for bit (same edges from the same keys)."""
+def _stores_bins(
+    stores: tuple, relative_accuracy: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``LogHistogram.bins()`` of the histogram whose counts ``stores`` are (same edges)."""
     n_off, n_counts, zero, p_off, p_counts = stores
-    lowers, uppers, counts = [np.zeros(0)], [np.zeros(0)], [np.zeros(0, dtype=np.int64)]
-    nz = np.flatnonzero(n_counts)[::-1]  # largest magnitude first = ascending value
-    if nz.shape[0]:
-        kf = (n_off + nz).astype(np.float64)
-        lowers.append(-np.exp(kf * log_gamma))
-        uppers.append(-np.exp((kf - 1.0) * log_gamma))
-        counts.append(n_counts[nz].astype(np.int64))
-    if zero:
-        lowers.append(np.zeros(1))
-        uppers.append(np.zeros(1))
-        counts.append(np.array([zero], dtype=np.int64))
-    nz = np.flatnonzero(p_counts)
-    if nz.shape[0]:
-        kf = (p_off + nz).astype(np.float64)
-        lowers.append(np.exp((kf - 1.0) * log_gamma))
-        uppers.append(np.exp(kf * log_gamma))
-        counts.append(p_counts[nz].astype(np.int64))
-    return np.concatenate(lowers), np.concatenate(uppers), np.concatenate(counts)
+    i64 = np.int64
+    widest = max(n_counts.shape[0], p_counts.shape[0], 2048)  # dense stores as they are
+    histogram = LogHistogram.from_state(
+        {
+            "ra": relative_accuracy,
+            "mb": widest,
+            "p": [p_off, p_counts.astype(i64)],
+            "n": [n_off, n_counts.astype(i64)],
+            "z": zero,
+        }
+    )
+    return histogram.bins()
 
 
 def _bins_stores(bins: tuple, log_gamma: float) -> tuple | None:
@@ -512,7 +508,7 @@ class WindowDrift(_HistogramDrift):
         """The reference as ``(lower, upper, counts)``, keyed or not."""
         if self._keyed and self._n_reference:
             assert self._keys is not None
-            return _stores_bins(self._keys.reference(), self._keys.log_gamma)
+            return _stores_bins(self._keys.reference(), self._relative_accuracy)
         return self._reference
 
     def _to_edges(self) -> None:
@@ -521,7 +517,7 @@ class WindowDrift(_HistogramDrift):
             keys = self._keys
             assert keys is not None
             self._reference = self._reference_bins()
-            self._window = [_stores_bins(s, keys.log_gamma) for s in self._window]
+            self._window = [_stores_bins(s, self._relative_accuracy) for s in self._window]
             self._packed_reference = None
             self._packed_window = [None] * len(self._window)
             self._keys = None
