@@ -514,8 +514,6 @@ class WindowDrift(_HistogramDrift):
     def _to_edges(self) -> None:
         """Move a keyed detector to bucket edges (what a keyed one has, as bins() has it)."""
         if self._keyed:
-            keys = self._keys
-            assert keys is not None
             self._reference = self._reference_bins()
             self._window = [_stores_bins(s, self._relative_accuracy) for s in self._window]
             self._packed_reference = None
