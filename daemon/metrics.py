@@ -288,7 +288,9 @@ class Metrics:
         )
         self.records_skipped = counter(
             "armguard_records_skipped",
-            "Records skipped without dead-lettering (e.g. stale config version), by reason.",
+            "Records skipped without dead-lettering, by reason: telemetry of unconfigured "
+            "experiments (unknown_experiment), summary records evaluate cannot use "
+            "(invalid_summary, unknown_experiment).",
             ("topic", "reason"),
         )
         self.consumer_lag = gauge(
