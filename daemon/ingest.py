@@ -50,6 +50,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
+from . import bare_records
 from .contract import Contract, Flush, PartitionAccumulator, deadletter_headers
 from .errors import KafkaUnavailable
 from .experiments import ExperimentsFile
@@ -130,6 +131,7 @@ class IngestStage:
     async def run(self, stop: asyncio.Event) -> None:
         self.health.set_ready(self.name, False)
         # The output topics exist: the Daemon creates armguard's topics (topics.create).
+        bare_records.enable()  # records without a ConsumerRecord each (see bare_records)
         consumer = AIOKafkaConsumer(
             **self._kafka,
             **consumer_group_options(self.settings.kafka),
@@ -140,6 +142,7 @@ class IngestStage:
             fetch_max_bytes=self.cfg.fetch_max_bytes,
             max_partition_fetch_bytes=self.cfg.max_partition_fetch_bytes,
             max_poll_records=self.cfg.max_batch_records,
+            value_deserializer=bare_records.bare_value,
         )
         self._consumer = consumer
         await consumer.start()
