@@ -33,7 +33,7 @@ same arithmetic (``_EXACT``), bit for bit the batch's result.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,40 +87,61 @@ def batch_distances(
     Large batches run in chunks of ``_CHUNK`` pairs: the flat arrays then stay in the CPU's
     cache (a batch of thousands of pairs spans megabytes and runs twice as slow per pair).
     """
-    try:
-        scratch = _FREE.pop()
-    except IndexError:  # first use, or another batch (thread) holds it
-        scratch = _Scratch()
-    try:
-        return _chunks(scratch, hists, alpha, min_expected, max_bins, distances, thresholds)
-    finally:
-        if scratch.buf.shape[0] <= _KEEP:
-            _FREE.append(scratch)
+    return _run(_pair_layout, hists, alpha, min_expected, max_bins, distances, thresholds)
 
 
-def _chunks(
-    scratch: _Scratch,
-    hists: list[tuple[Any, Any]],
+def batch_window_distances(
+    windows: list[Any],
+    *,
     alpha: list[float],
     min_expected: list[float],
     max_bins: list[int],
     distances: set[str],
     thresholds: set[str],
 ) -> dict[str, Any]:
-    if len(hists) <= _CHUNK:
-        return _batch(scratch, hists, alpha, min_expected, max_bins, distances, thresholds)
-    parts = [
-        _batch(
-            scratch,
-            hists[i : i + _CHUNK],
-            alpha[i : i + _CHUNK],
-            min_expected[i : i + _CHUNK],
-            max_bins[i : i + _CHUNK],
-            distances,
-            thresholds,
-        )
-        for i in range(0, len(hists), _CHUNK)
-    ]
+    """:func:`batch_distances` of K (recent window, reference) pairs kept by bucket key.
+
+    Each of ``windows`` holds ``win`` and ``ref``, int64 counts on one dense key layout
+    ``(ln, nhi, plo)`` with element 0 always 0, and ``log_gamma`` (``window_drift._Keys``).
+    The window is the first side (``"n"``), the reference the second (``"m"``). The same
+    arithmetic as :func:`batch_distances` on the same buckets, so the same results bit for bit
+    as that function's on the two histograms the arrays count.
+    """
+    return _run(_window_layout, windows, alpha, min_expected, max_bins, distances, thresholds)
+
+
+def _run(
+    lay_out: Any,
+    items: list[Any],
+    alpha: list[float],
+    min_expected: list[float],
+    max_bins: list[int],
+    distances: set[str],
+    thresholds: set[str],
+) -> dict[str, Any]:
+    try:
+        scratch = _FREE.pop()
+    except IndexError:  # first use, or another batch (thread) holds it
+        scratch = _Scratch()
+    try:
+        if len(items) <= _CHUNK:
+            return _batch(
+                lay_out(scratch, items), alpha, min_expected, max_bins, distances, thresholds
+            )
+        parts = [
+            _batch(
+                lay_out(scratch, items[i : i + _CHUNK]),
+                alpha[i : i + _CHUNK],
+                min_expected[i : i + _CHUNK],
+                max_bins[i : i + _CHUNK],
+                distances,
+                thresholds,
+            )
+            for i in range(0, len(items), _CHUNK)
+        ]
+    finally:
+        if scratch.buf.shape[0] <= _KEEP:
+            _FREE.append(scratch)
     out: dict[str, Any] = {}
     for key, value in parts[0].items():
         if isinstance(value, tuple):
@@ -130,15 +151,26 @@ def _chunks(
     return out
 
 
-def _batch(
-    scratch: _Scratch,
-    hists: list[tuple[Any, Any]],
-    alpha: list[float],
-    min_expected: list[float],
-    max_bins: list[int],
-    distances: set[str],
-    thresholds: set[str],
-) -> dict[str, Any]:
+class _Layout(NamedTuple):
+    """Both sides' counts of K pairs on one flat array (private).
+
+    ``w`` holds the first side's counts at ``[0, total)`` and the second's at
+    ``[total, 2 total)``; pair ``k`` spans ``[seg[k], seg[k + 1])`` of each, on the dense key
+    layout ``(ln[k], nhi[k], plo[k])`` of ``histogram_distance._key_layout``. ``buf`` is the
+    scratch buffer ``w`` starts, ``5 total + 3`` long; ``log_gamma()`` gives each pair's.
+    """
+
+    buf: np.ndarray
+    total: int
+    seg: np.ndarray
+    sizes: np.ndarray
+    ln: np.ndarray
+    nhi: np.ndarray
+    plo: np.ndarray
+    log_gamma: Any
+
+
+def _pair_layout(scratch: _Scratch, hists: list[tuple[Any, Any]]) -> _Layout:
     k_pairs = len(hists)
     stores: list[tuple] = []  # treatment, control, treatment, ...
     flat: list[int] = []
@@ -165,9 +197,6 @@ def _batch(
     # a page fault per 4 KiB on first touch, more than the arithmetic on them.
     buf = scratch.take(5 * total + 3)
     w = buf[: 2 * total]
-    cp = buf[2 * total : 3 * total + 1]
-    cq = buf[3 * total + 1 : 4 * total + 2]
-    pooled = buf[4 * total + 2 :]
     w.fill(0)
     side = np.stack((seg[:-1], seg[:-1] + total), axis=1)
     # One slice assignment per store: cheaper than building an index for a scatter.
@@ -183,6 +212,45 @@ def _batch(
             if counts.shape[0]:
                 w[at[i] : at[i] + counts.shape[0]] = counts[::-1]
     w[(side + ln[:, None]).ravel()] = zero.ravel()
+    return _Layout(
+        buf, total, seg, sizes, ln, nhi, plo, lambda: [math.log(h.gamma) for h, _ in hists]
+    )
+
+
+def _window_layout(scratch: _Scratch, windows: list[Any]) -> _Layout:
+    # A window's arrays are its layout plus one leading empty position: that is the layout
+    # one negative key wider, (ln + 1, nhi + 1, plo), whose extra key nhi is empty. So each
+    # side is one concatenation of whole arrays.
+    k_pairs = len(windows)
+    meta = np.array(
+        [(x.win.shape[0], x.ln + 1, x.nhi + 1, x.plo) for x in windows], dtype=np.int64
+    ).reshape(k_pairs, 4)
+    sizes = meta[:, 0]
+    seg = np.zeros(k_pairs + 1, dtype=np.int64)
+    np.cumsum(sizes, out=seg[1:])
+    total = int(seg[-1])
+    buf = scratch.take(5 * total + 3)
+    np.concatenate([x.win for x in windows] + [x.ref for x in windows], out=buf[: 2 * total])
+    return _Layout(
+        buf, total, seg, sizes, meta[:, 1], meta[:, 2], meta[:, 3],
+        lambda: [x.log_gamma for x in windows],
+    )  # fmt: skip
+
+
+def _batch(
+    layout: _Layout,
+    alpha: list[float],
+    min_expected: list[float],
+    max_bins: list[int],
+    distances: set[str],
+    thresholds: set[str],
+) -> dict[str, Any]:
+    buf, total, seg, sizes = layout.buf, layout.total, layout.seg, layout.sizes
+    k_pairs = sizes.shape[0]
+    w = buf[: 2 * total]
+    cp = buf[2 * total : 3 * total + 1]
+    cq = buf[3 * total + 1 : 4 * total + 2]
+    pooled = buf[4 * total + 2 :]
     # Exclusive cumulative counts: cp[i] counts the treatment values before global position i.
     cp[0] = 0
     cq[0] = 0
@@ -220,9 +288,8 @@ def _batch(
                     thr = np.full(k_pairs, math.nan)
                 out["ks"] = (raw, null, thr)
             if "wasserstein" in distances:
-                layout = (seg, sid, ln, nhi, plo, hists)
                 out["wasserstein"] = _wasserstein(
-                    layout, w, total, cp, cq, gap, a, b, nn, mm, root, alpha_a,
+                    layout, sid, w, total, cp, cq, gap, a, b, nn, mm, root, alpha_a,
                     "wasserstein" in thresholds,
                 )  # fmt: skip
     return out
@@ -341,7 +408,8 @@ def _chi2_isf_many(alpha: np.ndarray, df: np.ndarray) -> np.ndarray:
 
 
 def _wasserstein(
-    layout: tuple,
+    layout: _Layout,
+    sid: np.ndarray,
     w: np.ndarray,
     total: int,
     cp: np.ndarray,
@@ -356,12 +424,12 @@ def _wasserstein(
     threshold: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Wasserstein-1 on the buckets either side lists (see ``histogram_distance._wasserstein``)."""
-    seg, sid, ln, nhi, plo, hists = layout
+    seg, ln, nhi, plo = layout.seg, layout.ln, layout.nhi, layout.plo
     k_pairs = n.shape[0]
     idx = np.flatnonzero((w[:total] + w[total:]) > 0)
     pk = sid[idx]
     local = idx - seg[:-1][pk]
-    lg = np.array([math.log(h.gamma) for h, _ in hists])[pk]
+    lg = np.array(layout.log_gamma())[pk]
     ln_k = ln[pk]
     neg = local < ln_k
     # Negative bucket of key k: upper edge -exp((k - 1) lg); positive: exp(k lg); zero: 0.

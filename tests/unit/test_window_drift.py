@@ -201,3 +201,143 @@ def test_empty_intervals_then_values(as_tuples):
         det.update(s.histogram.bins() if as_tuples else s)
         assert not det.alarm and det.score == 0.0  # the reference stays empty: no evaluation
     assert det._keyed is not as_tuples
+
+
+# -- batched updates: WindowDrift.update_many -------------------------------------------------
+
+
+def batch_fleet(seed, n_detectors):
+    """Detectors of every distance and small windows, each with its own seeded stream."""
+    rng = np.random.default_rng(seed)
+    specs, streams = [], []
+    for j in range(n_detectors):
+        specs.append(
+            WindowDrift(
+                expected_run_length=float(rng.choice([20.0, 50.0, 10_000.0])),
+                reference_intervals=int(rng.integers(1, 6)),
+                window_intervals=int(rng.integers(1, 4)),
+                distance=DISTANCES[j % 4],
+                max_bins=int(rng.choice([2, 5, 20])),
+                min_expected=float(rng.choice([1.0, 5.0])),
+                clear_fraction=float(rng.choice([0.0, 0.5, 1.0])),
+            ).to_state()
+        )
+        streams.append(stream(("lognormal", "signs", "moving")[j % 3], seed=1000 * seed + j))
+    return specs, streams
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_update_many_equals_single_updates_and_does_not_depend_on_the_batch(seed):
+    # Thousands of updates: every detector updated in one shuffled batch per interval, each
+    # also alone in a batch of one, and a twin by update(). Same alarms at every step, scores
+    # within rounding of update()'s, and batch or alone bit for bit the same state. Along the
+    # way detectors are restored from their states, start a new reference, or get a bins
+    # tuple (they move to edges, where update_many is update()).
+    rng = np.random.default_rng(seed)
+    specs, streams = batch_fleet(seed, 64)
+    single = [WindowDrift.from_state(s) for s in specs]
+    together = [WindowDrift.from_state(s) for s in specs]
+    alone = [WindowDrift.from_state(s) for s in specs]
+    evaluations = onsets = 0
+    for i in range(len(streams[0])):
+        inputs = [s[i] for s in streams]
+        for j in rng.choice(len(specs), 3, replace=False).tolist():
+            event = int(rng.integers(0, 8 if i < 60 else 3))
+            if event == 0:
+                single[j], together[j], alone[j] = (
+                    restored(d) for d in (single[j], together[j], alone[j])
+                )
+            elif event == 1:
+                for d in (single[j], together[j], alone[j]):
+                    d.reset_reference()
+            elif event == 2 and i >= 60:
+                inputs[j] = inputs[j].histogram.bins()
+        for det, x in zip(single, inputs, strict=True):
+            det.update(x)
+        order = rng.permutation(len(specs))
+        WindowDrift.update_many([together[k] for k in order], [inputs[k] for k in order])
+        for det, x in zip(alone, inputs, strict=True):
+            WindowDrift.update_many([det], [x])
+        for a, b, c in zip(single, together, alone, strict=True):
+            assert result(b) == result(c)
+            assert b.to_state() == c.to_state()
+            assert (a.alarm, a.in_alarm, a.n_alarms, a.ready) == (
+                b.alarm,
+                b.in_alarm,
+                b.n_alarms,
+                b.ready,
+            )
+            assert b.score == pytest.approx(a.score, rel=1e-12, abs=1e-15)
+            rel = 1e-9 if a.distance == "wasserstein" else 1e-12
+            assert b.threshold == pytest.approx(a.threshold, rel=rel)
+            evaluations += a.ready
+            onsets += a.alarm
+    assert evaluations > 3_000 and onsets > 30
+    assert sum(not d._keyed for d in together) >= 1  # some moved to edges
+    assert sum(bool(d._keyed) for d in together) >= 32
+
+
+def test_update_many_edge_cases():
+    rng = np.random.default_rng(5)
+    values = Summary.from_values(np.arange(1.0, 50.0))
+    # Empty reference and window: held, then values (the window grows from nothing).
+    dets = [WindowDrift(reference_intervals=1, window_intervals=1, distance=d) for d in DISTANCES]
+    for s in (Summary(), Summary(), values, values):
+        WindowDrift.update_many(dets, [s] * len(dets))
+        assert all(not d.alarm and d.score == 0.0 and d._keyed for d in dets)
+    # A detector listed twice sees its updates in order, as two update() calls.
+    c = [Summary.from_values(rng.normal(0, 1, 1000)) for _ in range(3)]
+    moved = Summary.from_values(rng.normal(1.0, 1, 1000))
+    for distance in DISTANCES:
+        batched = WindowDrift(reference_intervals=2, window_intervals=1, distance=distance)
+        twin = WindowDrift(reference_intervals=2, window_intervals=1, distance=distance)
+        WindowDrift.update_many([batched, batched, batched], c)
+        WindowDrift.update_many([batched, batched], [moved, c[0]])
+        for s in [*c, moved, c[0]]:
+            twin.update(s)
+        assert (batched.n_alarms, batched.in_alarm) == (twin.n_alarms, twin.in_alarm) == (1, False)
+    # Another accuracy, a LogHistogram, an old edge-format state, an empty batch, a mismatch.
+    parts = stream("signs", seed=6, n_intervals=12)
+    old = WindowDrift(reference_intervals=3, window_intervals=2, distance="ks")
+    for s in parts[:6]:
+        old.update(s.histogram.bins())
+    state = json.loads(json.dumps(old.to_state()))
+    dets = [
+        WindowDrift(reference_intervals=3, window_intervals=2, distance="ks") for _ in range(3)
+    ] + [WindowDrift.from_state(state)]
+    twins = [copy.deepcopy(d) for d in dets]
+    for s in parts[6:]:
+        inputs = [
+            s,
+            s.histogram,
+            Summary.from_values(np.arange(1.0, 300.0), relative_accuracy=0.02),
+            s,
+        ]
+        WindowDrift.update_many(dets, inputs)
+        for twin, x in zip(twins, inputs, strict=True):
+            twin.update(x)
+        assert [d._keyed for d in dets] == [True, True, True, True]
+        for d, twin in zip(dets, twins, strict=True):
+            assert result(d) == result(twin)  # KS: a maximum of exact quotients either way
+    WindowDrift.update_many([], [])
+    with pytest.raises(ValueError, match="one histogram per detector"):
+        WindowDrift.update_many(dets, parts[:2])
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_update_many_with_all_distances(distance):
+    parts = stream("lognormal", seed=7, n_intervals=50)
+    dets = [
+        WindowDrift(reference_intervals=4, window_intervals=2, distance=distance) for _ in range(3)
+    ]
+    twin = WindowDrift(reference_intervals=4, window_intervals=2, distance=distance)
+    for i, s in enumerate(parts):
+        WindowDrift.update_many(
+            dets, [s, s, s.histogram.bins() if i > 40 else s], all_distances=True
+        )
+        twin.update(s)
+        if twin.ready and twin.score != 0.0 and s.count:
+            want = twin.distances
+            for det in dets:
+                assert det.distances == pytest.approx(want, rel=1e-12, abs=1e-15)
+            assert WindowDrift.from_state(dets[0].to_state()).to_dict() == dets[0].to_dict()
