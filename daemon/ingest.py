@@ -20,8 +20,13 @@ Exactly once, across crashes, restarts, rebalances and zombies:
 * A batch fetched while a rebalance ran is folded, never dropped (dropping it would leave the
   consumer's position past records nobody folded): aiokafka returns only records fetched at the
   current position of a current assignment, and an accumulator ignores offsets it already
-  folded. Records of a partition without an accumulator (not ours, or fenced) are ignored; the
+  folded; the consumer then continues after what was folded rather than fetching it again.
+  Records of a partition without an accumulator (not ours, or fenced) are ignored; the
   next owner, or the re-acquisition, starts from the committed offset.
+* The committed offset is the consumer's position, not just past the last record: offsets with
+  no record (transaction markers, aborted transactions of a transactional telemetry producer)
+  are passed too, so lag reaches 0 and a restart does not fetch them again (an idle partition
+  whose position moved only past markers commits in an offsets-only transaction).
 * A producer fenced while the group still assigns its partition to us (a transaction that
   outlived ``transaction_timeout_ms``) is re-acquired after two session timeouts: a real zombie
   would have lost the partition in a rebalance by then.
@@ -43,6 +48,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
+    IllegalStateError,
     InvalidProducerEpoch,
     KafkaError,
     ProducerFenced,
@@ -123,6 +129,8 @@ class IngestStage:
         self._listener_error: BaseException | None = None
         self._failures = 0
         self._fenced: dict[TopicPartition, float] = {}  # partition -> when its producer was fenced
+        self._sought: set[TopicPartition] = set()  # sought to the committed offset since _settle
+        self._commit_pos: dict[TopicPartition, int | None] = {}  # offset committed, per partition
         self._partition_cache: dict[tuple[bytes, int], int] = {}
         # Totals for the shutdown line, counted at commit like the metrics.
         self.totals: dict[str, int] = defaultdict(int)
@@ -162,6 +170,8 @@ class IngestStage:
                     timeout_ms=self.cfg.poll_timeout_ms,
                     max_records=max(1, min(self.cfg.max_batch_records, room)),
                 )
+                generation = self._generation
+                positions = await self._positions(consumer)
                 self._check_listener()
                 async with self._lock:
                     if batches:
@@ -170,6 +180,7 @@ class IngestStage:
                         self.metrics.batch_duration.labels(stage=self.name).observe(
                             time.perf_counter() - started
                         )
+                    self._settle(consumer, generation, positions, batches)
                     await self._flush_due()
                     await self._recover_fenced(consumer)
                 if not consumer.assignment() and self._generation:
@@ -247,6 +258,9 @@ class IngestStage:
             acc.next_offset = committed
             self._accs[tp] = acc
             self._flushed_at[tp] = time.monotonic()
+            self._commit_pos[tp] = committed
+            self._sought.add(tp)
+        self._generation += 1  # positions read before these seeks are stale: see _settle
 
     async def _recover_fenced(self, consumer: AIOKafkaConsumer) -> None:
         """Re-acquire partitions whose producer was fenced while the group still gives them to
@@ -276,10 +290,13 @@ class IngestStage:
                 # Commit what was folded: the next owner starts right after it.
                 await self._flush(tp)
                 await self._close_partition(tp)
+            self._generation += 1
 
     async def _close_partition(self, tp: TopicPartition) -> None:
         self._accs.pop(tp, None)
         self._flushed_at.pop(tp, None)
+        self._commit_pos.pop(tp, None)
+        self._sought.discard(tp)
         self.metrics.consumer_lag.remove(self.cfg.group_id, tp.topic, str(tp.partition))
         producer = self._producers.pop(tp, None)
         if producer is not None:
@@ -297,6 +314,50 @@ class IngestStage:
             if acc is not None:  # else: not ours (any more); its owner starts from the commit
                 acc.fold(records)
 
+    async def _positions(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+        """The consumer's position in each partition that has an accumulator."""
+        out = {}
+        for tp in list(self._accs):
+            try:
+                out[tp] = await consumer.position(tp)
+            except IllegalStateError:  # no longer assigned
+                continue
+        return out
+
+    def _settle(
+        self,
+        consumer: AIOKafkaConsumer,
+        generation: int,
+        positions: dict[TopicPartition, int],
+        batches: dict[TopicPartition, list[Any]],
+    ) -> None:
+        """Line the accumulators up with the consumer's positions after a fold.
+
+        ``positions`` were read right after the ``getmany`` that returned ``batches``. If no
+        rebalance ran since (same ``generation``), every record before a position was returned
+        and folded, so offsets an accumulator has not folded below it hold no record (transaction
+        markers, aborted transactions' records): the accumulator moves past them, so the
+        committed offset and the lag reach the end of a partition written in transactions.
+
+        If a rebalance ran meanwhile, the partitions it acquired were sought to their committed
+        offset after the batch was fetched; the accumulator folded the part of that batch at or
+        past the committed offset, so the consumer continues after it instead of fetching it
+        again.
+        """
+        accs = self._accs
+        if generation == self._generation:
+            for tp, position in positions.items():
+                acc = accs.get(tp)
+                if acc is not None and (acc.next_offset is None or position > acc.next_offset):
+                    acc.next_offset = position
+        else:
+            for tp in self._sought:
+                acc = accs.get(tp)
+                if acc is not None and acc.pending and tp in batches:
+                    assert acc.next_offset is not None
+                    consumer.seek(tp, acc.next_offset)
+        self._sought.clear()
+
     async def _flush_due(self) -> None:
         if not self._accs:
             return
@@ -305,11 +366,17 @@ class IngestStage:
         limit = self.cfg.max_pending_records
         total = sum(a.pending for a in self._accs.values())
         for tp, acc in list(self._accs.items()):
-            if not acc.pending:
+            if not acc.pending and not self._uncommitted(tp, acc):
                 self._flushed_at[tp] = now
                 continue
             if total >= limit or acc.pending >= limit or now - self._flushed_at[tp] >= interval:
                 await self._flush(tp)
+
+    def _uncommitted(self, tp: TopicPartition, acc: PartitionAccumulator) -> bool:
+        """Whether the accumulator is past the committed offset (with nothing folded: only
+        offsets that hold no record, such as transaction markers)."""
+        committed = self._commit_pos.get(tp)
+        return acc.next_offset is not None and (committed is None or acc.next_offset > committed)
 
     async def _flush(self, tp: TopicPartition) -> None:
         """One transaction: the partition's summaries, dead letters and consumed offset."""
@@ -319,17 +386,19 @@ class IngestStage:
             return
         self._flushed_at[tp] = time.monotonic()
         flush = acc.drain()
-        if flush is None:
+        if flush is None and not self._uncommitted(tp, acc):
             return
+        # Past the last folded record when the consumer passed transaction markers after it.
+        commit = acc.next_offset
+        assert commit is not None
         started = time.perf_counter()
         sent: list[asyncio.Future[Any]] = []
         try:
             # The context aborts on an error unless the producer is fenced (fatal).
             async with producer.transaction():
-                await self._send(producer, flush, sent)
-                await producer.send_offsets_to_transaction(
-                    {tp: flush.commit_offset}, self.cfg.group_id
-                )
+                if flush is not None:
+                    await self._send(producer, flush, sent)
+                await producer.send_offsets_to_transaction({tp: commit}, self.cfg.group_id)
         except _FENCED as exc:
             # Another instance owns the partition now; what was folded is its to re-read.
             log.warning("%s: fenced (%r); dropping the partition", _name(tp), exc)
@@ -343,24 +412,30 @@ class IngestStage:
             self.totals["aborted"] += 1
             self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
             log.warning(
-                "%s: flush failed (%r), aborted; rewinding to offset %d",
+                "%s: flush failed (%r), aborted; %s",
                 _name(tp),
                 exc,
-                flush.first_offset,
+                f"rewinding to offset {flush.first_offset}" if flush else "offsets only, retried",
             )
             if self._failures >= _MAX_CONSECUTIVE_FAILURES:
                 raise KafkaUnavailable(
                     f"{self._failures} flushes in a row failed; last: {exc!r}"
                 ) from exc
-            acc.next_offset = flush.first_offset
-            if self._consumer is not None:
-                self._consumer.seek(tp, flush.first_offset)
+            if flush is not None:
+                acc.next_offset = flush.first_offset
+                if self._consumer is not None:
+                    self._consumer.seek(tp, flush.first_offset)
             return
         finally:
             # A failed transaction fails every send's future too; the error is handled above.
             for f in sent:
                 f.add_done_callback(_retrieve)
         self._failures = 0
+        self._commit_pos[tp] = commit
+        if flush is None:
+            self.metrics.transactions.labels(stage=self.name, outcome="committed").inc()
+            self.totals["transactions"] += 1
+            return
         self._committed(flush, time.perf_counter() - started)
 
     async def _send(

@@ -329,3 +329,62 @@ async def test_rebalances_between_live_instances_lose_and_duplicate_nothing(
         by_partition.setdefault(r.partition, []).append(r)
     contract = Contract(experiments(), settings.ingest)
     assert_same_summaries(merge_summaries(out), reference(contract, topic, by_partition))
+
+
+async def test_transactional_telemetry_only_committed_records_count(
+    kafka_bootstrap, admin, make_topic, unique
+):
+    """Telemetry written in transactions: ingest (read_committed, on the bare-record fast path)
+    summarises the committed records only, never an aborted transaction's, and its committed
+    offset moves past the transaction markers so the lag reaches 0."""
+    from aiokafka import AIOKafkaProducer
+
+    topic = await make_topic("telemetry")
+    summaries = await make_topic("summaries")
+    deadletter = await make_topic("deadletter")
+    group = f"ingest-{unique}"
+    now = time.time()
+    batches = [good_records(200, now, seed=s) for s in (11, 12, 13, 14)]
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"writer-{unique}"
+    )
+    await producer.start()
+    try:
+        for i, values in enumerate(batches):
+            await producer.begin_transaction()
+            for v in values:
+                await producer.send(topic, v, partition=0)
+            if i == 1:
+                await producer.abort_transaction()  # batch 1 never happened
+            else:
+                await producer.commit_transaction()
+    finally:
+        await producer.stop()
+    ends = await end_offsets(kafka_bootstrap, topic, 1)
+    assert ends[0] == 4 * 200 + 4  # records and one marker per transaction
+
+    registry = CollectorRegistry()
+    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    stage = IngestStage(settings, experiments(), Metrics(registry), Health())
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        await wait_for(
+            lambda: _caught_up(admin, group, topic, ends, task), "offsets committed to the end"
+        )
+        lag = {"group": group, "topic": topic, "partition": "0"}
+        await wait_for(
+            lambda: registry.get_sample_value("armguard_consumer_lag_records", lag) == 0,
+            "consumer lag 0",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert stage.totals["consumed"] == stage.totals["summarised"] == 600
+    out = await read_topic(kafka_bootstrap, summaries)
+    inputs = await read_topic(kafka_bootstrap, topic)
+    assert {r.value for r in inputs} == set(batches[0] + batches[2] + batches[3])
+    contract = Contract(experiments(), settings.ingest)
+    assert_same_summaries(
+        merge_summaries([r.value for r in out]), reference(contract, topic, {0: inputs})
+    )
