@@ -6,6 +6,9 @@ it produces N records to a fresh topic, then measures on that same topic, each i
 subprocess so the peak RSS is the measurement's own:
 
 (a) raw: a plain aiokafka ``getmany(max_records=100000)`` loop that only decodes with orjson;
+(a') raw bare: the same loop on the record path ingest consumes (``daemon/bare_records.py``: the
+    record parser's objects, no ``ConsumerRecord`` each), so the ingest stage's own cost can be
+    read beside the issue's baseline (a), which builds a ``ConsumerRecord`` per record;
 (b) ingest: :class:`armguard.daemon.ingest.IngestStage` with the default settings (contract
     checks, folding, summaries, dead letters, one transaction per flush with the offsets),
     timed from the end of its partition assignment (before it folds a record) to the commit of
@@ -147,15 +150,22 @@ async def delete_topics(names: list[str]) -> None:
 # -- measurements (each in its own process) -------------------------------------------------------
 
 
-async def measure_raw(topic: str, n_records: int) -> dict[str, float]:
+async def measure_raw(topic: str, n_records: int, bare: bool = False) -> dict[str, float]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from armguard.daemon import bare_records
+
+    extra: dict[str, Any] = {}
+    if bare:
+        assert bare_records.enable(), "the bare-record path is not active"
+        extra["value_deserializer"] = bare_records.bare_value
     consumer = AIOKafkaConsumer(
         bootstrap_servers=BOOTSTRAP,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_bytes=64 * 1024 * 1024,
         max_partition_fetch_bytes=16 * 1024 * 1024,
+        **extra,
     )
     await consumer.start()
     try:
@@ -273,8 +283,8 @@ def _peak_rss_mb() -> float:
 
 
 def _child(args: argparse.Namespace) -> None:
-    if args.measure == "raw":
-        out = asyncio.run(measure_raw(args.topic, args.records))
+    if args.measure in ("raw", "raw-bare"):
+        out = asyncio.run(measure_raw(args.topic, args.records, bare=args.measure == "raw-bare"))
     else:
         out = asyncio.run(
             measure_ingest(args.topic, args.n_experiments, args.records, args.max_pending)
@@ -297,7 +307,7 @@ def main() -> None:
     p.add_argument("--records", type=int, default=400_000)
     p.add_argument("--experiments", default="10,1000,10000")
     p.add_argument("--repeat", type=int, default=3, help="measurements of each, best kept")
-    p.add_argument("--measure", choices=["raw", "ingest"], help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=["raw", "raw-bare", "ingest"], help=argparse.SUPPRESS)
     p.add_argument("--topic", help=argparse.SUPPRESS)
     p.add_argument("--n-experiments", type=int, help=argparse.SUPPRESS)
     p.add_argument("--max-pending", type=int, help=argparse.SUPPRESS)
@@ -319,9 +329,10 @@ def main() -> None:
             asyncio.run(produce(topic, values))
             del values
             # Alternate the two, best of `--repeat` each: the box is shared and noisy.
-            raws, ings = [], []
+            raws, bares, ings = [], [], []
             for _ in range(args.repeat):
                 raws.append(_spawn("--measure", "raw", "--topic", topic, "--records", str(n)))
+                bares.append(_spawn("--measure", "raw-bare", "--topic", topic, "--records", str(n)))
                 ings.append(
                     _spawn(
                         "--measure",
@@ -335,13 +346,16 @@ def main() -> None:
                     )
                 )
             raw = min(raws, key=lambda r: r["seconds"] / r["events"])
+            bare = min(bares, key=lambda r: r["seconds"] / r["events"])
             ing = min(ings, key=lambda r: r["seconds"] / r["events"])
-            rows.append((k, size, raw, ing))
+            rows.append((k, size, raw, bare, ing))
             r_rate = raw["events"] / raw["seconds"]
+            b_rate = bare["events"] / bare["seconds"]
             i_rate = ing["events"] / ing["seconds"]
             print(
-                f"{k:>6} experiments: raw {r_rate:>9,.0f} ev/s | ingest {i_rate:>9,.0f} ev/s "
-                f"({i_rate / r_rate:.0%} of raw, {1e6 / i_rate:.2f} us/event, "
+                f"{k:>6} experiments: raw {r_rate:>9,.0f} ev/s, raw bare {b_rate:>9,.0f} ev/s | "
+                f"ingest {i_rate:>9,.0f} ev/s ({i_rate / r_rate:.0%} of raw, "
+                f"{i_rate / b_rate:.0%} of raw bare, {1e6 / i_rate:.2f} us/event, "
                 f"{ing['transactions']} transactions, {ing['summaries']} summaries of "
                 f"{ing['summary_bytes'] / ing['events']:.0f} B/event) | "
                 f"peak RSS raw {raw['peak_rss_mb']:.0f} MB, ingest {ing['peak_rss_mb']:.0f} MB",
@@ -372,22 +386,26 @@ def main() -> None:
     print()
     print(f"N = {n:,} records of ~{rows[0][1]:.0f} bytes, {PARTITIONS} partitions")
     print(
-        "| experiments | raw getmany+orjson ev/s | ingest ev/s | ingest/raw | ingest us/event "
-        "| CPU us/event raw / ingest | summary bytes/event | ingest peak RSS MB |"
+        "| experiments | raw getmany+orjson ev/s | raw bare ev/s | ingest ev/s | ingest/raw "
+        "| ingest/raw bare | ingest us/event | CPU us/event raw / raw bare / ingest "
+        "| summary bytes/event | ingest peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for k, _, raw, ing in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, _, raw, bare, ing in rows:
         r_rate = raw["events"] / raw["seconds"]
+        b_rate = bare["events"] / bare["seconds"]
         i_rate = ing["events"] / ing["seconds"]
         print(
-            f"| {k:,} | {r_rate:,.0f} | {i_rate:,.0f} | {i_rate / r_rate:.0%} | "
-            f"{1e6 / i_rate:.2f} | {1e6 * raw['cpu_seconds'] / raw['events']:.2f} / "
+            f"| {k:,} | {r_rate:,.0f} | {b_rate:,.0f} | {i_rate:,.0f} | {i_rate / r_rate:.0%} | "
+            f"{i_rate / b_rate:.0%} | {1e6 / i_rate:.2f} | "
+            f"{1e6 * raw['cpu_seconds'] / raw['events']:.2f} / "
+            f"{1e6 * bare['cpu_seconds'] / bare['events']:.2f} / "
             f"{1e6 * ing['cpu_seconds'] / ing['events']:.2f} | "
             f"{ing['summary_bytes'] / ing['events']:.0f} | "
             f"{ing['peak_rss_mb']:.0f} |"
         )
-    costs = [ing["seconds"] / ing["events"] for _, _, _, ing in rows]
-    cpu = [ing["cpu_seconds"] / ing["events"] for _, _, _, ing in rows]
+    costs = [ing["seconds"] / ing["events"] for *_, ing in rows]
+    cpu = [ing["cpu_seconds"] / ing["events"] for *_, ing in rows]
     print(
         f"per-event cost, {rows[-1][0]:,} vs {rows[0][0]:,} experiments: "
         f"{costs[-1] / costs[0]:.2f}x wall, {cpu[-1] / cpu[0]:.2f}x CPU"
