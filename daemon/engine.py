@@ -295,10 +295,10 @@ class Engine:
         Returns each record's outputs, in record order, exactly as applying the records one by
         one would. Each experiment's records are applied strictly in order; experiments are
         independent, so they advance together in *waves*: records run until their
-        treatment-against-control drift detectors need updating, then the updates of the whole
-        wave (up to ~1,000 records) are computed in one vectorised pass
-        (``TwoSampleDrift.update_many``, whose result for a detector does not depend on the rest
-        of the batch, bit for bit), and those records finish; an experiment's next record starts
+        drift detectors need updating, then the updates of the whole wave (up to ~1,000 records)
+        are computed in one vectorised pass per detector type (``TwoSampleDrift.update_many``,
+        ``WindowDrift.update_many``, whose result for a detector does not depend on the rest of
+        the batch, bit for bit), and those records finish; an experiment's next record starts
         when its previous one is done. Thousands of experiments tick at the same event-time
         boundaries, so a flush of the summaries topic makes a few large waves. Commands are not
         batched: pass only runs of summary records between two commands.
@@ -371,8 +371,9 @@ class Engine:
         self, value: bytes, *, topic: str, partition: int, offset: int
     ) -> Generator[Any, None, list[Output]]:
         """One summary record, as a generator: yields the experiment id once decoded, then the
-        ``(detector, (treatment, control))`` drift updates it needs (the caller performs them),
-        and returns the outputs."""
+        ``(detector, input)`` drift updates it needs (the caller performs them; ``input`` is a
+        ``(treatment, control)`` pair or one Summary, what the detector type's ``update_many``
+        takes), and returns the outputs."""
         try:
             rec = orjson.loads(value)
             experiment = rec["experiment"]
@@ -433,9 +434,9 @@ class Engine:
                 wanted, started = [], []
                 for r in st.runners.values():
                     if not r.sequential:
-                        pair = r.start_interval(st.interval, st.arms, st.next_tick)
-                        if pair is not None:
-                            wanted.append((r.detector, pair))
+                        update = r.start_interval(st.interval, st.arms, st.next_tick)
+                        if update is not None:
+                            wanted.append((r.detector, update))
                             started.append(r)
                 if wanted:
                     yield wanted  # the caller updates these detectors, batched across experiments

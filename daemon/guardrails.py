@@ -230,14 +230,16 @@ class GuardrailRunner:
 
     def start_interval(
         self, interval: dict[str, ArmData], cumulative: dict[str, ArmData], t: float
-    ) -> tuple[Summary, Summary] | None:
+    ) -> tuple[Summary, Summary] | Summary | None:
         """Drift and anomaly, once per evaluation interval (event time ``t``), up to the
         detector's update.
 
-        A treatment-against-control drift guardrail with data in both arms returns its
-        ``(treatment, control)`` pair: the caller updates the detector (many of them at once,
-        ``TwoSampleDrift.update_many``, which gives the same result whatever the batch) and then
-        calls :meth:`finish_interval`. Every other guardrail is evaluated here (None returned).
+        A drift guardrail with data returns what its detector is to be updated with: the
+        ``(treatment, control)`` pair against control, the arm's interval Summary against its
+        own reference. The caller updates the detector (many of them at once,
+        ``TwoSampleDrift.update_many`` and ``WindowDrift.update_many``, which give the same
+        result whatever the batch) and then calls :meth:`finish_interval`. Every other
+        guardrail is evaluated here (None returned).
         """
         g, st = self.g, self.status
         treat_cum = cumulative.get(self.arm)
@@ -267,8 +269,8 @@ class GuardrailRunner:
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
             if s is None or s.count == 0:
                 return None
-            self.detector.update(s)
-        elif g.test == "change":
+            return s
+        if g.test == "change":
             arm_int = interval.get(self.arm)
             s = arm_int.get(g.source, g.metric) if arm_int else None  # type: ignore[arg-type]
             if s is None or s.count == 0:

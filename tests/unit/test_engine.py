@@ -427,12 +427,24 @@ def many_experiment_records(seed, n_batches):
 
 
 @pytest.mark.parametrize("wave", [2, 1024])
-def test_apply_summaries_equals_applying_records_one_by_one(monkeypatch, wave):
+@pytest.mark.parametrize(
+    ("interval_s", "n_batches"),
+    # 10 s: the reference drift guardrails never complete their windows (24 + 6 intervals);
+    # 1 s: they do, evaluate and alert once t1 of every other experiment shifts.
+    [(10.0, 40), (1.0, 64)],
+)
+def test_apply_summaries_equals_applying_records_one_by_one(
+    monkeypatch, wave, interval_s, n_batches
+):
     import armguard.daemon.engine as engine_module
 
     monkeypatch.setattr(engine_module, "_WAVE", wave)  # waves cut mid-run, or one per run
     config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
-    recs = many_experiment_records(40, n_batches=40)
+    recs = many_experiment_records(40, n_batches=n_batches)
+
+    def engine_for(config):
+        return Engine(config, evaluation_interval_s=interval_s, hmac_key=KEY)
+
     one_by_one = engine_for(config)
     expected = []
     for off, value in enumerate(recs):
@@ -441,6 +453,16 @@ def test_apply_summaries_equals_applying_records_one_by_one(monkeypatch, wave):
     snaps = [(o.key, o.value) for o in one_by_one.snapshots()]
     assert sum(k == "killswitch" for outs in expected for k, _, _ in outs) >= 2
     assert sum(k == "decisions" for outs in expected for k, _, _ in outs) >= 10
+    reference = [
+        orjson.loads(v)["data"]["decision"]
+        for outs in expected
+        for k, _, v in outs
+        if k == "decisions" and b'"f-ref"' in v
+    ]
+    if interval_s == 1.0:
+        assert len(reference) >= 3 and all(d["score"] > d["threshold"] for d in reference)
+    else:
+        assert reference == []
     rng = np.random.default_rng(41)
     for sizes in ([len(recs)], [1] * 50 + [len(recs)], rng.integers(1, 60, 200).tolist()):
         batched = engine_for(config)
@@ -460,18 +482,26 @@ def test_apply_summaries_equals_applying_records_one_by_one(monkeypatch, wave):
 
 def test_apply_summaries_batches_drift_updates_across_experiments(monkeypatch):
     from armguard.detectors.two_sample_drift import TwoSampleDrift
+    from armguard.detectors.window_drift import WindowDrift
 
-    sizes = []
-    original = TwoSampleDrift.update_many.__func__
+    sizes = {TwoSampleDrift: [], WindowDrift: []}
 
-    def spy(cls, detectors, pairs, **kw):
-        sizes.append(len(detectors))
-        return original(cls, detectors, pairs, **kw)
+    def spy_on(cls):
+        original = cls.update_many.__func__
 
-    monkeypatch.setattr(TwoSampleDrift, "update_many", classmethod(spy))
+        def spy(cls, detectors, inputs, **kw):
+            sizes[cls].append(len(detectors))
+            return original(cls, detectors, inputs, **kw)
+
+        monkeypatch.setattr(cls, "update_many", classmethod(spy))
+
+    spy_on(TwoSampleDrift)
+    spy_on(WindowDrift)
     config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
     engine = engine_for(config)
     recs = many_experiment_records(42, n_batches=12)
     engine.apply_summaries([(v, "s", 0, i) for i, v in enumerate(recs)])
-    # 8 experiments x 2 treatments x 2 control-mode guardrails tick together.
-    assert max(sizes) >= 16 and sum(sizes) >= 100
+    # 8 experiments x 2 treatments x 2 control-mode guardrails tick together; the reference
+    # drift guardrail runs on all 3 arms of the 8.
+    assert max(sizes[TwoSampleDrift]) >= 16 and sum(sizes[TwoSampleDrift]) >= 100
+    assert max(sizes[WindowDrift]) >= 16 and sum(sizes[WindowDrift]) >= 64
