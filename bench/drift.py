@@ -10,9 +10,9 @@ Prints markdown tables (paste into bench/README.md, section "Drift and anomaly")
 3. anomaly detection on a seasonal series (SeasonalZScore);
 4. histogram drift and calibration drift: false alarms per 10,000 evaluations and cost (WindowDrift
    also on Summaries, the daemon's input, with and without a snapshot after each update);
-5. batched histogram drift (``--only batched``): ``TwoSampleDrift.update_many`` per-update cost
-   by batch size, and the evaluate engine's drift cost when thousands of experiments tick at
-   once (``Engine.apply_summaries``).
+5. batched histogram drift (``--only batched``): ``TwoSampleDrift.update_many`` and
+   ``WindowDrift.update_many`` per-update cost by batch size, and the evaluate engine's drift
+   cost when thousands of experiments tick at once (``Engine.apply_summaries``).
 
 Run: ``.venv/bin/python bench/drift.py`` (about a minute on one core; ``--quick`` for a smoke
 run). Everything is seeded; the figures are reproducible.
@@ -415,7 +415,8 @@ def bench_histograms(evaluations: int) -> None:
 
 
 def bench_batched(quick: bool) -> None:
-    """TwoSampleDrift.update_many on Summaries by batch size, and in the evaluate engine."""
+    """TwoSampleDrift and WindowDrift update_many on Summaries by batch size, and in the
+    evaluate engine."""
     print("### Batched histogram drift\n")
     rng = np.random.default_rng(402)
     pool = [Summary.from_values(rng.lognormal(0.0, 1.0, 1_000)) for _ in range(200)]
@@ -451,11 +452,59 @@ def bench_batched(quick: bool) -> None:
                 best = min(best, (cpu_clock() - start) / (rounds * k) * 1e6)
             costs.append(best)
         print(f"| {size if size == 'single' else f'{k:,}'} | {costs[0]:.1f} | {costs[1]:.1f} |")
-    bench_engine_batched(quick)
+    bench_window_batched(quick)
+    bench_engine_batched(quick, "control")
+    bench_engine_batched(quick, "reference")
 
 
-def bench_engine_batched(quick: bool) -> None:
-    """Engine.apply_summaries at one tick of N experiments, each with one drift guardrail."""
+def bench_window_batched(quick: bool) -> None:
+    """WindowDrift.update_many on Summaries by batch size (windows complete, evaluating)."""
+    rng = np.random.default_rng(404)
+    pool = [Summary.from_values(rng.lognormal(0.0, 1.0, 300)) for _ in range(200)]
+    print(
+        "\nWindowDrift psi on Summaries (300 lognormal values per interval, relative accuracy "
+        "0.01, reference 24 intervals, window 6, both complete: every update evaluates), CPU "
+        "time per detector update, inputs built outside the timed loop, best of 5.\n"
+    )
+    print("| batch size | update (us) | update + to_state (us) |")
+    print("|---|---|---|")
+    updates = 2_000 if quick else 20_000
+    for size in ("single", 1, 10, 100, 1_000, 10_000):
+        k = 1_000 if size == "single" else int(size)
+        if quick and k > 1_000:
+            continue
+        dets = [
+            WindowDrift(expected_run_length=ARL, reference_intervals=24, window_intervals=6)
+            for _ in range(k)
+        ]
+        for r in range(30):
+            WindowDrift.update_many(dets, [pool[(r + 7 * i) % 200] for i in range(k)])
+        rounds = max(1, updates // k)
+        inputs = [[pool[(13 * r + 7 * i) % 200] for i in range(k)] for r in range(rounds)]
+        costs = []
+        for snapshot in (False, True):
+            best = math.inf
+            for _ in range(5):
+                start = cpu_clock()
+                for histograms in inputs:
+                    if size == "single":
+                        for det, x in zip(dets, histograms, strict=True):
+                            det.update(x)
+                    else:
+                        WindowDrift.update_many(dets, histograms)
+                    if snapshot:
+                        for det in dets:
+                            det.to_state()
+                best = min(best, (cpu_clock() - start) / (rounds * k) * 1e6)
+            costs.append(best)
+        print(f"| {size if size == 'single' else f'{k:,}'} | {costs[0]:.1f} | {costs[1]:.1f} |")
+
+
+def bench_engine_batched(quick: bool, mode: str) -> None:
+    """Engine.apply_summaries at one tick of N experiments, each with one drift guardrail:
+    treatment against control (``mode="control"``, one TwoSampleDrift per experiment) or each
+    arm against its own reference window (``"reference"``, a WindowDrift per arm, its windows
+    completed by 30 ticks first)."""
     import orjson
 
     from armguard.daemon.engine import Engine
@@ -466,7 +515,8 @@ def bench_engine_batched(quick: bool) -> None:
         "experiments:\n"
         + "".join(
             f"  - {{id: e{i}, control: control, arms: {{control: 0.5, treatment: 0.5}}, "
-            "srm: {enabled: false}, guardrails: [{metric: f, source: feature, test: drift}]}\n"
+            "srm: {enabled: false}, guardrails: [{metric: f, source: feature, test: drift, "
+            f"mode: {mode}}}]}}\n"
             for i in range(n_exp)
         ),
         where="bench",
@@ -474,11 +524,15 @@ def bench_engine_batched(quick: bool) -> None:
     rng = np.random.default_rng(403)
     states = [Summary.from_values(rng.lognormal(0.0, 1.0, 1_000)).to_state() for _ in range(50)]
 
-    def records(t: float) -> list[tuple[bytes, str, int, int]]:
+    def records(t: float, shift: int = 0) -> list[tuple[bytes, str, int, int]]:
         out = []
         for i in range(n_exp):
             arms = {
-                arm: {"count": 1_000, "metrics": {}, "features": {"f": states[(i + j) % 50]}}
+                arm: {
+                    "count": 1_000,
+                    "metrics": {},
+                    "features": {"f": states[(i + j + shift) % 50]},
+                }
                 for j, arm in enumerate(("control", "treatment"))
             }
             doc = {
@@ -491,52 +545,82 @@ def bench_engine_batched(quick: bool) -> None:
             out.append((orjson.dumps(doc), "s", 0, i))
         return out
 
-    first, quiet, tick = records(5.0), records(6.0), records(15.0)  # interval 10 s: 15 ticks
+    cls = TwoSampleDrift if mode == "control" else WindowDrift
     # The drift updates' own CPU time, read inside the engine (the record totals move by more
     # than the drift cost between runs on this box).
-    original = TwoSampleDrift.__dict__["update_many"]
+    original = cls.__dict__["update_many"]
     spent = [0.0, 0]
 
-    def timed(cls, detectors, pairs, **kw):
+    def timed(cls, detectors, inputs, **kw):
         start = cpu_clock()
-        original.__func__(cls, detectors, pairs, **kw)
+        original.__func__(cls, detectors, inputs, **kw)
         spent[0] += cpu_clock() - start
         spent[1] += len(detectors)
 
+    def run(engine: Engine, recs: list, batched: bool) -> None:
+        if batched:
+            engine.apply_summaries(recs)
+        else:
+            for value, topic, partition, offset in recs:
+                engine.apply_summary(value, topic=topic, partition=partition, offset=offset)
+
     costs = {}
-    TwoSampleDrift.update_many = classmethod(timed)  # type: ignore[method-assign]
+    cls.update_many = classmethod(timed)  # type: ignore[method-assign]
     try:
-        for label, batched in (("one record at a time", False), ("apply_summaries", True)):
-            best = {"quiet": math.inf, "tick": math.inf, "drift": math.inf}
+        if mode == "control":
+            first, quiet, tick = records(5.0), records(6.0), records(15.0)  # interval 10 s
+            for label, batched in (("one record at a time", False), ("apply_summaries", True)):
+                best = {"quiet": math.inf, "tick": math.inf, "drift": math.inf}
+                for _ in range(5):
+                    engine = Engine(config, evaluation_interval_s=10.0)
+                    engine.apply_summaries(first)
+                    for name, recs in (("quiet", quiet), ("tick", tick)):
+                        spent[:] = [0.0, 0]
+                        start = cpu_clock()
+                        run(engine, recs, batched)
+                        best[name] = min(best[name], (cpu_clock() - start) / n_exp * 1e6)
+                        if name == "tick":
+                            best["drift"] = min(best["drift"], spent[0] / spent[1] * 1e6)
+                costs[label] = best
+        else:
+            # One engine, its reference windows completed first (24 + 6 ticks); then each
+            # measured tick moves the recent window on. A quiet record before each tick.
+            engine = Engine(config, evaluation_interval_s=10.0)
+            for k in range(31):
+                engine.apply_summaries(records(10.0 * k + 5.0, shift=k))
+            k = 31
+            for label in ("one record at a time", "apply_summaries"):
+                costs[label] = {"quiet": math.inf, "tick": math.inf, "drift": math.inf}
             for _ in range(5):
-                engine = Engine(config, evaluation_interval_s=10.0)
-                engine.apply_summaries(first)
-                for name, run in (("quiet", quiet), ("tick", tick)):
-                    spent[:] = [0.0, 0]
-                    start = cpu_clock()
-                    if batched:
-                        engine.apply_summaries(run)
-                    else:
-                        for value, topic, partition, offset in run:
-                            engine.apply_summary(
-                                value, topic=topic, partition=partition, offset=offset
-                            )
-                    best[name] = min(best[name], (cpu_clock() - start) / n_exp * 1e6)
-                    if name == "tick":
-                        best["drift"] = min(best["drift"], spent[0] / spent[1] * 1e6)
-            costs[label] = best
+                for label, batched in (("one record at a time", False), ("apply_summaries", True)):
+                    best = costs[label]
+                    quiet = records(10.0 * k - 4.0, shift=k)
+                    tick = records(10.0 * k + 5.0, shift=k)
+                    k += 1
+                    for name, recs in (("quiet", quiet), ("tick", tick)):
+                        spent[:] = [0.0, 0]
+                        start = cpu_clock()
+                        run(engine, recs, batched)
+                        best[name] = min(best[name], (cpu_clock() - start) / n_exp * 1e6)
+                        if name == "tick":
+                            assert spent[1] == 2 * n_exp
+                            best["drift"] = min(best["drift"], spent[0] / spent[1] * 1e6)
     finally:
-        TwoSampleDrift.update_many = original  # type: ignore[method-assign]
+        cls.update_many = original  # type: ignore[method-assign]
+    if mode == "control":
+        what = "one treatment-vs-control drift guardrail (TwoSampleDrift)"
+    else:
+        what = "one reference-window drift guardrail (WindowDrift, on each of its 2 arms)"
     print(
-        f"\nEvaluate engine, {n_exp:,} experiments with one treatment-vs-control drift "
-        "guardrail (1,000 values per arm), CPU time per summary record (most of it decoding "
-        "the record's Summaries) and of the drift update inside it, best of 5:\n"
+        f"\nEvaluate engine, {n_exp:,} experiments with {what}, 1,000 values per arm and "
+        "record, CPU time per summary record (most of it decoding the record's Summaries) and "
+        "per drift detector update inside it, best of 5:\n"
     )
     print("| engine call | record without tick (us) | record at a tick (us) | drift update (us) |")
     print("|---|---|---|---|")
     for label, best in costs.items():
         drift = best["drift"]
-        print(f"| {label} | {best['quiet']:.0f} | {best['tick']:.0f} | {drift:.0f} |")
+        print(f"| {label} | {best['quiet']:.0f} | {best['tick']:.0f} | {drift:.1f} |")
     print()
 
 
