@@ -347,24 +347,34 @@ class Engine:
 
         # Records are decoded as they come (holding a whole run decoded costs more in memory
         # and garbage collection than the batching saves), and waves run once big enough.
-        for i, (value, topic, partition, offset) in enumerate(records):
-            gen = self._summary_steps(value, topic=topic, partition=partition, offset=offset)
-            try:
-                experiment = next(gen)  # decoded and validated; nothing merged yet
-            except StopIteration as done:
-                outputs[i] = done.value
-                continue
-            steps[i] = gen
-            experiment_of[i] = experiment
-            if experiment in in_flight:
-                blocked.setdefault(experiment, deque()).append(i)
-                continue
-            in_flight.add(experiment)
-            advance(i)
-            if len(waiting) >= _WAVE:
+        # The cyclic GC is paused for the run: a wave holds ~1,000 records' generators and
+        # inputs, which every collection would otherwise scan and promote towards the oldest
+        # generation (whose full collections scan every experiment's state); what the run
+        # frees is freed by reference counting.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for i, (value, topic, partition, offset) in enumerate(records):
+                gen = self._summary_steps(value, topic=topic, partition=partition, offset=offset)
+                try:
+                    experiment = next(gen)  # decoded and validated; nothing merged yet
+                except StopIteration as done:
+                    outputs[i] = done.value
+                    continue
+                steps[i] = gen
+                experiment_of[i] = experiment
+                if experiment in in_flight:
+                    blocked.setdefault(experiment, deque()).append(i)
+                    continue
+                in_flight.add(experiment)
+                advance(i)
+                if len(waiting) >= _WAVE:
+                    run_wave()
+            while waiting:
                 run_wave()
-        while waiting:
-            run_wave()
+        finally:
+            if enabled:
+                gc.enable()
         return outputs
 
     def _summary_steps(
