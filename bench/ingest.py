@@ -194,6 +194,7 @@ async def measure_ingest(
 ) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
 
+    from armguard.daemon.app import freeze_startup_heap
     from armguard.daemon.experiments import ExperimentsFile
     from armguard.daemon.health import Health
     from armguard.daemon.ingest import IngestStage
@@ -225,6 +226,7 @@ async def measure_ingest(
     exps = ExperimentsFile.model_validate(experiments_config(n_experiments))
     health = Health()
     stage = IngestStage(settings, exps, Metrics(CollectorRegistry()), health)
+    freeze_startup_heap()  # as Daemon.run does before it starts the stages
     stop = asyncio.Event()
     marks: dict[str, float] = {}
     acquire = stage._acquire
