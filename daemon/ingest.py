@@ -44,6 +44,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -166,9 +167,12 @@ class IngestStage:
                 # Never fetch more than fits under the flush bound: pending records (and so
                 # memory) stay at most max_pending_records; _flush_due made room.
                 room = self.cfg.max_pending_records - sum(a.pending for a in self._accs.values())
-                batches = await consumer.getmany(
-                    timeout_ms=self.cfg.poll_timeout_ms,
-                    max_records=max(1, min(self.cfg.max_batch_records, room)),
+                batches = await _fetch_unless_stopped(
+                    consumer.getmany(
+                        timeout_ms=self.cfg.poll_timeout_ms,
+                        max_records=max(1, min(self.cfg.max_batch_records, room)),
+                    ),
+                    stop,
                 )
                 generation = self._generation
                 positions = await self._positions(consumer)
@@ -532,6 +536,30 @@ class IngestStage:
             self.metrics.consumer_lag.labels(
                 group=self.cfg.group_id, topic=tp.topic, partition=str(tp.partition)
             ).set(max(0, high - acc.next_offset))
+
+
+async def _fetch_unless_stopped(
+    fetch: Coroutine[Any, Any, dict[TopicPartition, list[Any]]], stop: asyncio.Event
+) -> dict[TopicPartition, list[Any]]:
+    """``getmany``'s batches, or none as soon as ``stop`` is set: shutdown does not wait out
+    the poll timeout. Cancelling a ``getmany`` that is still waiting loses nothing: it takes
+    records from its buffers and returns them without awaiting in between, so a pending one
+    has taken none."""
+    if stop.is_set():
+        fetch.close()
+        return {}
+    task = asyncio.ensure_future(fetch)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))  # never raises the task's own cancellation
+    if task.cancelled():
+        return {}
+    return task.result()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
