@@ -240,6 +240,11 @@ class Contract:
         self._exps: dict[str, tuple[dict[str, int], dict[str, Any], dict[str, Any]]] = {}
         # group id -> (experiment, arm); group ids of one experiment are consecutive.
         self._groups: list[tuple[str, str]] = []
+        # "experiment\0arm" -> (group id, metric ranges, feature ranges): the hot loop's one
+        # lookup per record (ids match _ID, so the separator cannot occur in them). One probe of
+        # one table instead of two nested ones: with 10,000 experiments the lookups miss the
+        # CPU caches and the nested form cost ~0.85 us per record, this one ~0.55.
+        self._by_group: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {}
         interned: dict[tuple[Any, ...], dict[str, tuple[float, float]]] = {}
         metric_names: set[str] = set()
         feature_names: set[str] = set()
@@ -256,6 +261,8 @@ class Contract:
                 arms[arm] = len(self._groups)
                 self._groups.append((e.id, arm))
             self._exps[e.id] = (arms, mr, fr)
+            for arm, gid in arms.items():
+                self._by_group[_group_key(e.id, arm)] = (gid, mr, fr)
         # group id -> position of its experiment in _exp_ids (vectorised grouping at a flush)
         self._exp_ids = [e.id for e in experiments.experiments]
         index = {e: i for i, e in enumerate(self._exp_ids)}
@@ -298,6 +305,10 @@ class Contract:
         metrics = {n: col[0][0] for n, col in acc._mcols.items() if col[0]}
         features = {n: col[0][0] for n, col in acc._fcols.items() if col[0]}
         return Accepted(exp, arm, acc._ts[0], metrics, features)
+
+
+def _group_key(experiment: str, arm: str) -> str:
+    return experiment + "\0" + arm
 
 
 def _kind(v: Any) -> str:
@@ -377,7 +388,8 @@ class PartitionAccumulator:
         c = self.contract
         loads = orjson.loads
         json_error = orjson.JSONDecodeError
-        exps_get = c._exps.get
+        exps = c._exps
+        groups_get = c._by_group.get
         mcols = self._mappend
         fcols = self._fappend
         gid_append = self._gids.append
@@ -418,23 +430,20 @@ class PartitionAccumulator:
                 obj = flatten(obj)
 
             exp = obj.get(k_exp)
-            info = exps_get(exp) if type(exp) is str else None
-            if info is None:
-                if type(exp) is str:
+            arm = obj.get(k_arm)
+            group = groups_get(exp + "\0" + arm) if type(exp) is str and type(arm) is str else None
+            if group is None:  # why not: the experiment first, then the arm
+                if type(exp) is not str:
+                    dead(_field_rejection(rec, c.paths["experiment"], exp, "string"))
+                elif exp not in exps:
                     skipped += 1
                     skipped_exp = exp
-                else:
-                    dead(_field_rejection(rec, c.paths["experiment"], exp, "string"))
-                continue
-            arms, mranges, franges = info
-            arm = obj.get(k_arm)
-            gid = arms.get(arm) if type(arm) is str else None
-            if gid is None:
-                if type(arm) is str:
+                elif type(arm) is str:
                     dead(DeadLetter(rec, "unknown_arm", _clip(f"{exp}/{arm}")))
                 else:
                     dead(_field_rejection(rec, c.paths["arm"], arm, "string"))
                 continue
+            gid, mranges, franges = group
             ts = obj.get(k_ts)
             tt = type(ts)
             if tt is not float and tt is not int:
