@@ -581,8 +581,37 @@ class WindowDrift(_HistogramDrift):
         (nothing changed) if the layout would grow too wide."""
         keys = self._keys
         assert keys is not None
+        _, n_counts, zero, p_off, p_counts = stores
+        k = p_counts.shape[0]
+        n_pos = keys.win.shape[0] - keys.ln - 2  # positive keys plo .. plo + n_pos - 1
+        if (
+            not n_counts.shape[0]
+            and k
+            and keys.plo <= p_off
+            and p_off + k <= keys.plo + n_pos
+            and len(self._window) == self.window_intervals
+            and not self._window[0][1].shape[0]
+        ):
+            # The common case, once both windows are complete: positive values whose keys the
+            # layout holds, the interval leaving the window positive too. What add() and
+            # remove() do, without their general cases.
+            win = keys.win
+            at = keys.ln + 2 - keys.plo
+            win[at + p_off : at + p_off + k] += p_counts
+            if zero:
+                win[keys.ln + 1] += zero
+            leaving = self._window.pop(0)
+            self._window.append(stores)
+            self._packed_window.pop(0)
+            self._packed_window.append(None)
+            k = leaving[4].shape[0]
+            if k:
+                win[at + leaving[3] : at + leaving[3] + k] -= leaving[4]
+            if leaving[2]:
+                win[keys.ln + 1] -= leaving[2]
+            return _READY
         size = keys.cover(stores)
-        held = stores[1].shape[0] + stores[4].shape[0]
+        held = n_counts.shape[0] + k
         if size > 4 * held + 1024 and size > 4 * keys.held() + 1024:
             # Mostly keys neither window holds any more (a feature moving across magnitudes):
             # lay them out afresh; values spread over too many magnitudes go to edges.

@@ -22,6 +22,11 @@ def stream(kind, seed, n_intervals=70):
         elif kind == "signs":
             values = rng.normal(0.3 if i > 40 else 0.0, 1.0, n)
             values[rng.random(n) < 0.1] = 0.0
+        elif kind == "zeros":  # positive, some zeros; a negative value in a few intervals
+            values = rng.lognormal(0.4 if i > 40 else 0.0, 1.0, n)
+            values[rng.random(n) < 0.1] = 0.0
+            if i % 11 == 5 and n:
+                values[0] = -1.0
         else:  # "moving": the window leaves the reference's keys behind
             values = rng.lognormal(0.2 * i, 0.3, n) * (-1.0 if i % 9 == 4 else 1.0)
         out.append(Summary.from_values(values))
@@ -40,7 +45,7 @@ def restored(det):
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("kind", ["lognormal", "signs", "moving"])
+@pytest.mark.parametrize("kind", ["lognormal", "signs", "zeros", "moving"])
 def test_keyed_equals_edges_and_direct_recomputation(kind, distance):
     # The same intervals as Summaries (by key) and as bins tuples (the edge path): identical
     # scores, thresholds, alarms and distances at every update, through the reference phase,
@@ -222,7 +227,8 @@ def batch_fleet(seed, n_detectors):
                 clear_fraction=float(rng.choice([0.0, 0.5, 1.0])),
             ).to_state()
         )
-        streams.append(stream(("lognormal", "signs", "moving")[j % 3], seed=1000 * seed + j))
+        kind = ("lognormal", "signs", "zeros", "moving")[j % 4]
+        streams.append(stream(kind, seed=1000 * seed + j))
     return specs, streams
 
 
