@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from operator import add as _add
 from typing import NoReturn
 
 import numpy as np
@@ -18,6 +17,7 @@ _sqrt = math.sqrt
 _erfc = math.erfc
 _log10 = math.log10
 _F64 = np.dtype(np.float64)
+_np_add = np.add
 _INF = math.inf
 _NAMES = ("counts", "prediction_sums", "outcome_sums")
 _Row = tuple[list[float], list[float], list[float]]  # counts, prediction sums, outcome sums
@@ -28,16 +28,6 @@ def _floats(seq: Sequence[float]) -> list[float]:
     if isinstance(seq, np.ndarray):
         return (seq if seq.dtype is _F64 else seq.astype(_F64)).tolist()
     return list(map(float, seq))
-
-
-def _suffix_sums(rows: list[_Row]) -> list[_Row]:
-    """``out[j] = rows[j] + (rows[j + 1] + (... + rows[-1]))``, column by column, bin by bin."""
-    out = [rows[-1]]
-    for n, e, o in reversed(rows[:-1]):
-        sn, se, so = out[-1]
-        out.append((list(map(_add, n, sn)), list(map(_add, e, se)), list(map(_add, o, so))))
-    out.reverse()
-    return out
 
 
 def bin_predictions(
@@ -138,13 +128,21 @@ class CalibrationDrift(_EdgeAlarm):
         self._threshold = math.log10(self.expected_run_length)
         self._clear_threshold = self.clear_fraction * self._threshold
         # The window, oldest interval first, each as (counts, prediction sums, outcome sums).
-        # With window_intervals > 1 it is two blocks (see `_update_window`): the older one as the
-        # sums from each of its rows to its end, the newer one as its running sum.
+        # One interval: `_window` holds it as lists. More: the window is the rows
+        # `_rows[_start:_end]` of a buffer twice its length, kept as two blocks (see `update`).
         self._window: list[_Row] = []
-        zeros = [0.0] * n_bins
-        self._zeros = (zeros, zeros, zeros)
-        self._suffix: list[_Row] = []
-        self._front = self._zeros
+        if window_intervals > 1:
+            shape = (3, n_bins)
+            self._rows = np.zeros((2 * window_intervals, *shape))
+            self._start = self._end = 0
+            # The older block (its last `_back` rows): `_suffix[-_back + j]` is the sum of its rows
+            # from the j-th to its end; the newer block (the other rows): its running sum `_front`.
+            self._suffix = np.zeros((window_intervals, *shape))
+            self._back = 0
+            self._zero = np.zeros(shape)  # read only: an empty block's sum
+            self._front = self._zero
+            self._spare = np.zeros(shape)  # the next `_front`, written before it is committed
+            self._total = np.zeros(shape)  # scratch: the window's sums
         self._ece = 0.0
         self._bias = 0.0
         self._p_value = 1.0
@@ -157,19 +155,93 @@ class CalibrationDrift(_EdgeAlarm):
         outcome_sums: Sequence[float],
     ) -> None:
         """Add one interval's binned predictions and outcomes and evaluate the window."""
+        if self.window_intervals == 1:
+            self._update_one(counts, prediction_sums, outcome_sums)
+            return
+        # The window is two blocks: an older one, of which the sums from each row to the block's
+        # end are kept (`_suffix`), and a newer one summed as rows arrive (`_front`), so the
+        # window total is ``_suffix[...] + _front``. Every number is then a sum of at most
+        # ``window_intervals`` non-negative terms and never a difference: the rounding error of
+        # a plain sum, no drift, no cancellation (integer counts stay exact, a bin that empties
+        # sums to exactly 0), and a function of the rows in the window and of where the blocks
+        # split, which `to_state` records. When the older block is used up the newer one, less
+        # the interval leaving, becomes it (one cumulative sum every ``window_intervals``
+        # updates). The sums are numpy arrays of (3, n_bins): three numpy additions an update
+        # instead of ~60 Python ones, the same IEEE additions in the same order.
+        if not len(counts) == len(prediction_sums) == len(outcome_sums) == self.n_bins:
+            self._reject(counts, prediction_sums, outcome_sums)
+        rows = self._rows
+        start = self._start
+        end = self._end
+        if end == len(rows):  # the buffer is used up: move the window to its start
+            rows[: end - start] = rows[start:end]
+            self._end = end = end - start
+            self._start = start = 0
+        # The new interval goes to the first free row (not part of the window until committed
+        # below, so refused input leaves the detector as it was), cast to float64 by numpy.
+        row = rows[end]
+        row[0] = counts
+        row[1] = prediction_sums
+        row[2] = outcome_sums
+        n, e, o = row.tolist()
+        back = self._back
+        front = self._front
+        if end - start == self.window_intervals:  # the oldest interval leaves
+            start += 1
+            if back:
+                back -= 1
+            else:  # the newer block becomes the older one, less the interval leaving
+                back = end - start
+                # sums from each row to the end: a cumulative sum from the last row back, the
+                # same additions as ``row[j] + (row[j + 1] + ...)``
+                self._suffix[-back:] = np.cumsum(rows[start:end][::-1], axis=0)[::-1]
+                front = self._zero
+        new_front = _np_add(front, row, out=self._spare)
+        older = self._suffix[-back] if back else self._zero
+        tn, te, to = _np_add(older, new_front, out=self._total).tolist()
+        # One pass: check the new interval (0 <= e <= n and 0 <= o <= n; a NaN fails every
+        # comparison; an inf or an overflow makes the count inf below, and e and o, bounded by
+        # n, are then finite too) and compute the window's statistics. Comparing floats with
+        # floats (0.0, not 0) takes CPython's fast path; the lengths are checked, so zip needs
+        # no strict.
+        gap = v_total = hl = 0.0
+        k = 0
+        for xn, xe, xo, nb, eb, ob in zip(n, e, o, tn, te, to):  # noqa: B905
+            if not (0.0 <= xe <= xn and 0.0 <= xo <= xn):
+                self._reject(counts, prediction_sums, outcome_sums)
+            if nb > 0.0:
+                d = ob - eb
+                gap += d if d >= 0.0 else -d  # abs(d) without the call (abs(-0.0) adds alike)
+                v = eb * (1.0 - eb / nb)
+                if v > 0.0:
+                    v_total += v
+                    hl += d * d / v
+                    k += 1
+        if not sum(n) < _INF:
+            self._reject(counts, prediction_sums, outcome_sums)
+        self._start = start
+        self._end = end + 1
+        self._back = back
+        # The old newer block's array is free again unless it was the read-only zero sum.
+        self._spare = self._front if self._front is not self._zero else np.zeros_like(row)
+        self._front = new_front
+        self._evaluate(sum(tn), sum(te), sum(to), gap, v_total, hl, k)
+
+    def _update_one(
+        self,
+        counts: Sequence[int],
+        prediction_sums: Sequence[float],
+        outcome_sums: Sequence[float],
+    ) -> None:
+        """`update` with a one-interval window: the statistics of the interval itself."""
         n = _floats(counts)
         e = _floats(prediction_sums)
         o = _floats(outcome_sums)
         if not len(n) == len(e) == len(o) == self.n_bins:
             self._reject(counts, prediction_sums, outcome_sums)
-        if self.window_intervals > 1:
-            self._update_window(n, e, o, counts, prediction_sums, outcome_sums)
-            return
-        # One interval: the statistics of (n, e, o) themselves, checked in the same pass for
-        # 0 <= e <= n and 0 <= o <= n (a NaN fails every comparison; an inf or an overflow
-        # makes the count inf below, and e and o, bounded by n, are then finite too): the input
-        # `_reject` refuses. The lengths are checked, so zip needs no strict; comparing floats
-        # with floats (0.0, not 0) takes CPython's fast path, a quarter of this loop.
+        # Checked in the same pass for 0 <= e <= n and 0 <= o <= n (a NaN fails every
+        # comparison; an inf or an overflow makes the count inf below, and e and o, bounded by
+        # n, are then finite too): the input `_reject` refuses.
         gap = v_total = hl = 0.0
         k = 0
         for nb, eb, ob in zip(n, e, o):  # noqa: B905
@@ -177,7 +249,7 @@ class CalibrationDrift(_EdgeAlarm):
                 if not (0.0 <= eb <= nb and 0.0 <= ob <= nb):
                     self._reject(counts, prediction_sums, outcome_sums)
                 d = ob - eb
-                gap += abs(d)
+                gap += d if d >= 0.0 else -d
                 v = eb * (1.0 - eb / nb)
                 if v > 0.0:
                     v_total += v
@@ -190,89 +262,6 @@ class CalibrationDrift(_EdgeAlarm):
             self._reject(counts, prediction_sums, outcome_sums)
         self._window = [(n, e, o)]
         self._evaluate(count, sum(e), sum(o), gap, v_total, hl, k)
-
-    def _update_window(
-        self, n: list[float], e: list[float], o: list[float], *raw: Sequence[float]
-    ) -> None:
-        """Slide the window by the checked-as-it-goes interval (n, e, o) and evaluate it.
-
-        Two stacks instead of one running total: the window is an older block, of which the
-        sums from each row to the block's end are kept (``_suffix``), and a newer block summed
-        as rows arrive (``_front``), so the window total is ``_suffix[0] + _front``. Every
-        number is then a sum of at most ``window_intervals`` non-negative terms and never a
-        difference: the rounding error of a plain sum, no drift, no cancellation (integer
-        counts stay exact, a bin that empties sums to exactly 0), and a function of the rows in
-        the window and of where the blocks split, which ``to_state`` records. When the older
-        block is used up the newer one, less the interval leaving, becomes it: fewer than
-        ``window_intervals`` row additions every ``window_intervals`` updates, instead of all of
-        them every update.
-        """
-        window = self._window
-        suffix = self._suffix
-        front = self._front
-        full = len(window) == self.window_intervals
-        if full:  # the oldest interval leaves (committed below, once the new one is checked)
-            if suffix:
-                suffix = suffix[1:]
-            else:  # the newer block becomes the older one, less the leaving interval
-                suffix = _suffix_sums(window[1:])
-                front = self._zeros
-        older = suffix[0] if suffix else self._zeros
-        # One pass: check the new interval, add it to the newer block, total the window and
-        # its statistics (in bin order, as sum() would add them).
-        new_n = []
-        new_e = []
-        new_o = []
-        count = e_total = o_total = gap = v_total = hl = 0.0
-        k = 0
-        for xn, xe, xo, fn, fe, fo, sn, se, so in zip(n, e, o, *front, *older):  # noqa: B905
-            if not (0.0 <= xe <= xn and 0.0 <= xo <= xn):
-                self._reject(*raw)
-            fn += xn
-            fe += xe
-            fo += xo
-            new_n.append(fn)
-            new_e.append(fe)
-            new_o.append(fo)
-            nb = sn + fn
-            eb = se + fe
-            ob = so + fo
-            count += nb
-            e_total += eb
-            o_total += ob
-            if nb > 0.0:
-                d = ob - eb
-                gap += abs(d)
-                v = eb * (1.0 - eb / nb)
-                if v > 0.0:
-                    v_total += v
-                    hl += d * d / v
-                    k += 1
-        if not sum(n) < _INF:
-            self._reject(*raw)
-        if full:
-            del window[0]
-            self._suffix = suffix
-        window.append((n, e, o))
-        self._front = (new_n, new_e, new_o)
-        self._evaluate(count, e_total, o_total, gap, v_total, hl, k)
-
-    def _reject(self, *rows: Sequence[float]) -> NoReturn:
-        # The slow path, only for input the fast checks refused: it names what is wrong.
-        n, e, o = (self._row(name, row) for name, row in zip(_NAMES, rows, strict=True))
-        for nb, eb, ob in zip(n, e, o, strict=True):
-            if eb > nb or ob > nb:
-                raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
-        raise ValueError("counts, prediction_sums and outcome_sums must be finite and >= 0")
-
-    def _row(self, name: str, seq: Sequence[float]) -> list[float]:
-        row = _floats(seq)
-        if len(row) != self.n_bins:
-            raise ValueError(f"{name} must have n_bins={self.n_bins} entries, got {len(row)}")
-        # One comparison and one sum catch a negative, a NaN (the sum is NaN) or an inf.
-        if not (min(row) >= 0.0 and math.isfinite(sum(row))):
-            raise ValueError(f"{name} must be finite and >= 0")
-        return row
 
     def _evaluate(
         self,
@@ -293,27 +282,43 @@ class CalibrationDrift(_EdgeAlarm):
         """
         self._count = round(count)
         if count == 0.0:
-            self._set_level(self._in_alarm)
-            return
-        self._ece = gap / count
-        self._bias = (e_total - o_total) / count
-        if k:
-            p_hl = chi2_sf_int(hl, k)
-            z = (o_total - e_total) / _sqrt(v_total)
-            p_bias = _erfc(abs(z) / _SQRT2)
-            p = 2.0 * (p_bias if p_bias < p_hl else p_hl)  # min(1, 2 min(p_hl, p_bias))
-            p = self._p_value = p if p < 1.0 else 1.0
+            level = self._in_alarm
         else:
-            p = self._p_value = 1.0
-        score = _MAX_SCORE if p <= 0.0 else -_log10(p)  # self.score
-        if not score < _MAX_SCORE:
-            score = _MAX_SCORE
-        if score > self._threshold:
-            self._set_level(True)
-        elif self._in_alarm:
-            self._set_level(score > self._clear_threshold)
-        else:
-            self._set_level(False)
+            self._ece = gap / count
+            self._bias = (e_total - o_total) / count
+            if k:
+                p_hl = chi2_sf_int(hl, k)
+                p_bias = _erfc(abs((o_total - e_total) / _sqrt(v_total)) / _SQRT2)
+                p = 2.0 * (p_bias if p_bias < p_hl else p_hl)  # min(1, 2 min(p_hl, p_bias))
+                p = self._p_value = p if p < 1.0 else 1.0
+            else:
+                p = self._p_value = 1.0
+            score = _MAX_SCORE if p <= 0.0 else -_log10(p)  # self.score
+            if not score < _MAX_SCORE:
+                score = _MAX_SCORE
+            level = score > self._threshold or (self._in_alarm and score > self._clear_threshold)
+        # `_set_level`, inline
+        self._alarm = alarm = level and not self._in_alarm
+        self._in_alarm = level
+        if alarm:
+            self._n_alarms += 1
+
+    def _reject(self, *rows: Sequence[float]) -> NoReturn:
+        # The slow path, only for input the fast checks refused: it names what is wrong.
+        n, e, o = (self._row(name, row) for name, row in zip(_NAMES, rows, strict=True))
+        for nb, eb, ob in zip(n, e, o, strict=True):
+            if eb > nb or ob > nb:
+                raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
+        raise ValueError("counts, prediction_sums and outcome_sums must be finite and >= 0")
+
+    def _row(self, name: str, seq: Sequence[float]) -> list[float]:
+        row = _floats(seq)
+        if len(row) != self.n_bins:
+            raise ValueError(f"{name} must have n_bins={self.n_bins} entries, got {len(row)}")
+        # One comparison and one sum catch a negative, a NaN (the sum is NaN) or an inf.
+        if not (min(row) >= 0.0 and math.isfinite(sum(row))):
+            raise ValueError(f"{name} must be finite and >= 0")
+        return row
 
     @property
     def ece(self) -> float:
@@ -347,6 +352,19 @@ class CalibrationDrift(_EdgeAlarm):
         """``log10(expected_run_length)``: alarm when ``score`` exceeds it."""
         return self._threshold
 
+    def _window_sums(self) -> np.ndarray:
+        """The window's (counts, prediction sums, outcome sums) sums, (3, n_bins), as `update`
+        adds them: the older block's sum plus the newer block's (``window_intervals > 1``)."""
+        older = self._suffix[-self._back] if self._back else self._zero
+        return older + self._front
+
+    def _window_rows(self) -> list[list[list[float]]]:
+        """The intervals in the window, oldest first, each as [counts, prediction sums,
+        outcome sums] lists."""
+        if self.window_intervals == 1:
+            return [[list(col) for col in row] for row in self._window]
+        return self._rows[self._start : self._end].tolist()
+
     def to_dict(self) -> dict:
         """Current result as a JSON-safe dict (for metrics and decision records)."""
         return {
@@ -370,9 +388,13 @@ class CalibrationDrift(_EdgeAlarm):
                 "window_intervals": self.window_intervals,
                 "clear_fraction": self.clear_fraction,
             },
-            "window": [[list(col) for col in row] for row in self._window],
-            # The newest `front` intervals are the block summed as they arrived (`_update_window`).
-            "front": len(self._window) - len(self._suffix),
+            "window": self._window_rows(),
+            # The newest `front` intervals are the block summed as they arrived (see `update`).
+            "front": (
+                self._end - self._start - self._back
+                if self.window_intervals > 1
+                else len(self._window)
+            ),
             "ece": self._ece,
             "bias": self._bias,
             "p_value": self._p_value,
@@ -384,9 +406,7 @@ class CalibrationDrift(_EdgeAlarm):
     def from_state(cls, state: dict) -> CalibrationDrift:
         """Rebuild a detector from ``to_state()``."""
         det = cls(**state["params"])
-        window = det._window = [
-            tuple([float(v) for v in col] for col in row) for row in state["window"]
-        ]
+        window = [[[float(v) for v in col] for col in row] for row in state["window"]]
         # States written before the two blocks have no "front": their window is one block,
         # summed oldest first, the order their window total was computed in.
         if len(window) > det.window_intervals:
@@ -397,13 +417,17 @@ class CalibrationDrift(_EdgeAlarm):
         front = int(state.get("front", len(window)))
         if not 0 <= front <= len(window):
             raise ValueError(f"front must be in [0, {len(window)}], got {front}")
-        if det.window_intervals > 1:
-            back = len(window) - front
-            det._suffix = _suffix_sums(window[:back]) if back else []
-            for row in window[back:]:
-                det._front = tuple(
-                    list(map(_add, f, r)) for f, r in zip(det._front, row, strict=True)
-                )
+        if det.window_intervals == 1:
+            det._window = [tuple(row) for row in window]
+        elif window:
+            rows = det._rows[: len(window)]
+            rows[:] = window  # checks the shape: n_bins entries in each column
+            det._end = len(window)
+            back = det._back = len(window) - front
+            if back:
+                det._suffix[-back:] = np.cumsum(rows[:back][::-1], axis=0)[::-1]
+            for row in rows[back:]:  # the newer block summed oldest first, as `update` does
+                det._front = det._front + row
         det._ece = float(state["ece"])
         det._bias = float(state["bias"])
         det._p_value = float(state["p_value"])

@@ -177,11 +177,6 @@ def reference_results(window, threshold, clear_fraction, state):
     }
 
 
-def flat(row):
-    """An interval or block sum, (counts, prediction sums, outcome sums), as one list."""
-    return [*row[0], *row[1], *row[2]]
-
-
 @pytest.mark.parametrize("window_intervals", [1, 2, 5, 12])
 def test_running_window_matches_the_definition_at_every_step(window_intervals):
     # The window is kept as two blocks of partial sums (no full re-sum per update): at every
@@ -203,12 +198,11 @@ def test_running_window_matches_the_definition_at_every_step(window_intervals):
         assert (det.alarm, det.in_alarm) == (expect["alarm"], expect["in_alarm"])
         alarms += det.alarm
         if window_intervals > 1:
-            older = flat(det._suffix[0]) if det._suffix else [0.0] * 30
-            totals = [a + b for a, b in zip(older, flat(det._front), strict=True)]
-            exact = np.sum(np.asarray(recent, dtype=float), axis=0).ravel()
-            assert totals[:10] == exact[:10].tolist()  # counts: integers, exact
-            assert totals[20:] == exact[20:].tolist()  # outcomes: integers, exact
-            assert totals[10:20] == pytest.approx(exact[10:20], rel=1e-14, abs=0)
+            totals = det._window_sums()
+            exact = np.sum(np.asarray(recent, dtype=float), axis=0)
+            assert totals[0].tolist() == exact[0].tolist()  # counts: integers, exact
+            assert totals[2].tolist() == exact[2].tolist()  # outcomes: integers, exact
+            assert totals[1] == pytest.approx(exact[1], rel=1e-14, abs=0)
     assert alarms > 0  # the stream does trip it
 
 
@@ -217,12 +211,62 @@ def test_two_blocks_hold_the_sums_of_their_rows():
     det = CalibrationDrift(window_intervals=5)
     for step, batch in enumerate(calibration_stream(rng, 40)):
         det.update(*batch)
-        window = [n + e + o for n, e, o in det._window]
-        back = len(det._suffix)
-        for j, s in enumerate(det._suffix):  # from each older row to the block's end
-            block = np.asarray(window[j:back])
-            assert flat(s) == pytest.approx(block.sum(axis=0), rel=1e-15, abs=0), step
-        assert flat(det._front) == pytest.approx(np.sum(window[back:], axis=0), rel=1e-15, abs=0)
+        window = det._rows[det._start : det._end]
+        back = det._back
+        for j in range(back):  # from each older row to the block's end
+            s = det._suffix[len(det._suffix) - back + j]
+            assert s == pytest.approx(window[j:back].sum(axis=0), rel=1e-15, abs=0), step
+        assert det._front == pytest.approx(window[back:].sum(axis=0), rel=1e-15, abs=0)
+
+
+def two_block_sums(state):
+    """The window's sums straight from the stored intervals and where the blocks split: the
+    older block summed from its last row back, ``r_0 + (r_1 + (... + r_b))``, plus the newer
+    block summed oldest first, ``((0 + r_b+1) + ...) + r_last``, with numpy on each row."""
+    rows = [np.asarray(row, dtype=float) for row in state["window"]]
+    back = len(rows) - state["front"]
+    older = np.zeros_like(rows[0])
+    if back:
+        older = rows[back - 1]
+        for row in reversed(rows[: back - 1]):
+            older = row + older
+    front = np.zeros_like(rows[0])
+    for row in rows[back:]:
+        front = front + row
+    return older + front
+
+
+@pytest.mark.parametrize("window_intervals", [2, 3, 7, 12])
+def test_window_sums_equal_a_reference_over_the_stored_intervals(window_intervals):
+    # At every step of a seeded stream (with round trips through JSON along the way), the
+    # window sums the detector evaluates are bit for bit those of the stored intervals added
+    # in the two blocks' order, within 1e-14 of np.sum over them (exact for the integer
+    # counts and outcomes), and its statistics and alarms those of the reference definition.
+    rng = np.random.default_rng(60 + window_intervals)
+    det = CalibrationDrift(expected_run_length=500, window_intervals=window_intervals)
+    recent, level, alarms = [], [False], 0
+    for step, batch in enumerate(calibration_stream(rng, 400)):
+        det.update(*batch)
+        recent = [*recent, [list(col) for col in batch]][-window_intervals:]
+        state = det.to_state()
+        assert state["window"] == [[[float(v) for v in col] for col in row] for row in recent]
+        sums = det._window_sums()
+        assert np.array_equal(sums, two_block_sums(state)), step
+        plain = np.sum(np.asarray(recent, dtype=float), axis=0)
+        assert sums[0].tolist() == plain[0].tolist()
+        assert sums[2].tolist() == plain[2].tolist()
+        assert sums[1] == pytest.approx(plain[1], rel=1e-14, abs=0)
+        expect = reference_results(recent, det.threshold, det.clear_fraction, level)
+        if expect is not None:
+            assert det.count == expect["count"]
+            assert det.ece == pytest.approx(expect["ece"], rel=1e-12, abs=1e-15)
+            assert det.p_value == pytest.approx(expect["p_value"], rel=1e-9, abs=1e-300)
+            assert (det.alarm, det.in_alarm) == (expect["alarm"], expect["in_alarm"])
+            alarms += det.alarm
+        if step % 37 == 5:
+            det = CalibrationDrift.from_state(json.loads(json.dumps(state, allow_nan=False)))
+            assert det.to_state() == state
+    assert alarms > 0
 
 
 @pytest.mark.parametrize("window_intervals", [1, 3, 4])
@@ -348,7 +392,7 @@ def test_rejected_input_is_named_and_leaves_the_detector_as_it_was(
         det.update(*(np.asarray(v, dtype=float) for v in (counts, psum, ysum)))
     assert det.to_state() == before
     det.update([10, 10], [2.0, 7.0], [3, 6])
-    assert det._window[-1] == ([10.0, 10.0], [2.0, 7.0], [3.0, 6.0])
+    assert det.to_state()["window"][-1] == [[10.0, 10.0], [2.0, 7.0], [3.0, 6.0]]
 
 
 def test_chi2_sf_int_is_chi2_sf():
