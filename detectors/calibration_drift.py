@@ -134,10 +134,12 @@ class CalibrationDrift(_EdgeAlarm):
         if window_intervals > 1:
             shape = (3, n_bins)
             self._rows = np.zeros((2 * window_intervals, *shape))
+            self._row_views = list(self._rows)  # rows[i] once, not a new view every update
             self._start = self._end = 0
             # The older block (its last `_back` rows): `_suffix[-_back + j]` is the sum of its rows
             # from the j-th to its end; the newer block (the other rows): its running sum `_front`.
             self._suffix = np.zeros((window_intervals, *shape))
+            self._suffix_views = list(self._suffix)
             self._back = 0
             self._zero = np.zeros(shape)  # read only: an empty block's sum
             self._front = self._zero
@@ -179,7 +181,7 @@ class CalibrationDrift(_EdgeAlarm):
             self._start = start = 0
         # The new interval goes to the first free row (not part of the window until committed
         # below, so refused input leaves the detector as it was), cast to float64 by numpy.
-        row = rows[end]
+        row = self._row_views[end]
         row[0] = counts
         row[1] = prediction_sums
         row[2] = outcome_sums
@@ -197,7 +199,7 @@ class CalibrationDrift(_EdgeAlarm):
                 self._suffix[-back:] = np.cumsum(rows[start:end][::-1], axis=0)[::-1]
                 front = self._zero
         new_front = _np_add(front, row, out=self._spare)
-        older = self._suffix[-back] if back else self._zero
+        older = self._suffix_views[-back] if back else self._zero
         tn, te, to = _np_add(older, new_front, out=self._total).tolist()
         # One pass: check the new interval (0 <= e <= n and 0 <= o <= n; a NaN fails every
         # comparison; an inf or an overflow makes the count inf below, and e and o, bounded by
