@@ -3,9 +3,11 @@ import math
 
 import numpy as np
 import pytest
+from scipy import integrate, optimize, stats
 
 from armguard.detectors import SeasonalZScore
 from armguard.detectors._calibration import cusum_threshold, normal_isf
+from armguard.detectors.seasonal_zscore import _cusum_thresholds, _heavy_evidence_law
 
 STEP = 300.0  # 5-minute intervals
 DAY = 288
@@ -150,6 +152,150 @@ def test_heavy_tailed_noise_raises_the_spike_threshold_not_the_alarm_rate():
     assert det.threshold == normal_isf(1 / 40_000)
 
 
+@pytest.mark.parametrize("phi", [0.0, 0.5])
+def test_heavy_tailed_false_alarms_meet_the_target_from_the_first_armed_day(phi):
+    # Issue 4: at most 10 false alarms per 10,000 evaluations on heavy-tailed streams. The hard
+    # part is the first armed days, while the tail is still being learned (bench/drift.py counts
+    # days 3-7); the heavy-tail evidence, the Pareto predictive threshold and the calibrated
+    # CUSUM keep it near 6 here (the previous rules: 10-12 at phi 0, 14-16 at phi 0.5 on these
+    # streams). Asserted with a margin under the target.
+    rng = np.random.default_rng(11)
+    alarms = n = 0
+    for _ in range(60):
+        t, x = seasonal_series(rng, 7, phi=phi, df=3)
+        det = SeasonalZScore(expected_run_length=10_000)
+        alarms += len(feed(det, x, t))
+        n += x.size - 2 * DAY  # evaluations after the warmup
+    assert alarms / n * 1e4 <= 8
+
+
+def test_a_burst_of_spikes_does_not_pass_for_a_heavy_tail():
+    # Ten 8-sd spikes on the first armed day, then a 10-sd spike on day 4: the spikes are
+    # flagged and kept out of the tail estimates, so the threshold stays normal and finds it.
+    found = 0
+    for seed in range(20):
+        rng = np.random.default_rng(200 + seed)
+        t, x = seasonal_series(rng, 5)
+        x[rng.choice(np.arange(2 * DAY, 3 * DAY), size=10, replace=False)] += (
+            rng.choice([-1, 1], size=10) * 16.0
+        )
+        at = int(rng.integers(3 * DAY, 4 * DAY))
+        x[at] += 20.0
+        det = SeasonalZScore()
+        for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
+            det.update(xi, ti)
+            if i == at:
+                found += det.in_alarm
+    assert found == 20
+
+
+def test_five_warmup_spikes_leave_a_day3_spike_found_on_most_seeded_series():
+    # Five 15-sd spikes in the warmup's second half: the heavy-tail evidence gives nothing to
+    # values beyond 2 clips, so the tail mostly stays normal (found in 39 of 40 seeds; the rules
+    # before, on the band count alone: 35). Many more outliers inflate the robust scale until
+    # the bulk looks peaked (twenty in a day: 3 of 40, and 9 before), see the class docstring.
+    flagged = 0
+    for seed in range(40):
+        t, _, x, at = warmup_spikes(100 + seed, n_spikes=5)
+        flagged += (at, "spike") in feed(SeasonalZScore(), x, t)
+    assert flagged >= 38
+
+
+@pytest.mark.parametrize("clip", [1.2, 2.0, 3.0, 4.5])
+def test_heavy_tail_evidence_is_the_t4_normal_log_likelihood_ratio(clip):
+    const, a, bulk, shoulder, band, normal_mean, s = _heavy_evidence_law(clip)
+    # The t(4) law of z = X / s has the normal clipped second moment (the robust scale's).
+    kappa = stats.norm.expect(lambda z: min(z * z, clip * clip))
+    moment = stats.t.expect(lambda v: min((v / s) ** 2, clip * clip), args=(4,))
+    assert moment == pytest.approx(kappa, rel=1e-7)
+    assert s == pytest.approx(
+        optimize.brentq(
+            lambda u: stats.t.expect(lambda v: min((v / u) ** 2, clip * clip), args=(4,)) - kappa,
+            0.5,
+            3.0,
+        ),
+        rel=1e-6,
+    )
+
+    def heavy_density(z):  # density of |z| under each law
+        return 2 * s * stats.t.pdf(s * z, 4)
+
+    for z in np.linspace(0.0, bulk, 7):
+        ratio = np.log(heavy_density(z) / (2 * stats.norm.pdf(z)))
+        assert const - 2.5 * math.log1p(a * z * z) + 0.5 * z * z == pytest.approx(ratio, abs=1e-12)
+
+    def category(lo, hi):
+        heavy = stats.t.cdf(s * hi, 4) - stats.t.cdf(s * lo, 4)
+        return min(2.0, math.log(heavy / (stats.norm.sf(lo) - stats.norm.sf(hi))))
+
+    assert band == pytest.approx(category(clip, 2 * clip), rel=1e-9)
+    if clip > 1.5:
+        assert shoulder == pytest.approx(category(1.5, clip), rel=1e-9)
+    else:
+        assert (bulk, shoulder) == (clip, 0.0)
+    bulk_mean = integrate.quad(
+        lambda z: 2 * stats.norm.pdf(z) * (const - 2.5 * math.log1p(a * z * z) + 0.5 * z * z),
+        0,
+        bulk,
+    )[0]
+    expected = (
+        bulk_mean
+        + shoulder * 2 * (stats.norm.sf(bulk) - stats.norm.sf(clip))
+        + band * 2 * (stats.norm.sf(clip) - stats.norm.sf(2 * clip))
+    )
+    assert normal_mean == pytest.approx(expected, abs=1e-6)
+    assert normal_mean < 0.0  # minus a Kullback-Leibler divergence
+
+
+def test_cusum_thresholds_scale_with_the_effective_variance():
+    table = _cusum_thresholds(40_000.0, 1.0)
+    assert table[0] == cusum_threshold(40_000.0, 1.0)
+    for i, h in enumerate(table):
+        v = 1.0 + 0.05 * i
+        # Same Siegmund run length for the standardised CUSUM (k / sd, h / sd).
+        assert h / math.sqrt(v) == pytest.approx(cusum_threshold(40_000.0, 1.0 / math.sqrt(v)))
+
+
+@pytest.mark.parametrize("df", [3, 5, 10])
+def test_effective_variance_recovers_the_cusum_exponent_of_clipped_heavy_tails(df):
+    # The claim behind the calibration: for clipped Student t innovations (on the normal clipped
+    # scale) the normal law whose MGF at theta0 = 2 k matches theirs has nearly their root
+    # theta* of E[exp(theta (zc - k))] = 1, which sets the CUSUM's run length (Siegmund 1985).
+    k, clip = 1.0, 3.0
+    kappa = stats.norm.expect(lambda z: min(z * z, clip * clip))
+    s = optimize.brentq(
+        lambda u: stats.t.expect(lambda v: min((v / u) ** 2, clip * clip), args=(df,)) - kappa,
+        0.5,
+        3.0,
+    )
+
+    def mgf(theta):
+        inner = integrate.quad(
+            lambda z: math.exp(theta * (z - k)) * s * stats.t.pdf(s * z, df), -clip, clip
+        )[0]
+        tail = stats.t.sf(s * clip, df)
+        return inner + tail * (math.exp(theta * (clip - k)) + math.exp(theta * (-clip - k)))
+
+    root = optimize.brentq(lambda th: mgf(th) - 1.0, 0.5, 2.0 * k - 1e-3)
+    theta0 = 2 * k
+    v = 2 * (math.log(mgf(theta0)) + k * theta0) / theta0**2
+    assert v > 1.0  # heavier shoulders than normal: a larger threshold
+    assert 2 * k / v == pytest.approx(root, rel=0.02)
+
+
+def test_heavy_tails_raise_the_cusum_threshold_normal_noise_keeps_it():
+    h0 = cusum_threshold(40_000, 1.0)
+    rng = np.random.default_rng(14)
+    t, x = seasonal_series(rng, 6, df=3)
+    det = SeasonalZScore()
+    feed(det, x, t)
+    assert det.cusum_threshold > 1.1 * h0
+    t, x = seasonal_series(rng, 6)
+    det = SeasonalZScore()
+    feed(det, x, t)
+    assert det.cusum_threshold < 1.05 * h0
+
+
 def test_min_scale_keeps_sparse_counts_quiet():
     rng = np.random.default_rng(7)
     t = np.arange(6 * DAY) * STEP
@@ -218,21 +364,37 @@ def test_state_round_trip_is_exact():
     assert a.to_state() == b.to_state()
 
 
+NEW_KEYS = ("evidence", "mgf", "up_sum", "up_len", "down_sum", "down_len")
+
+
 @pytest.mark.parametrize("df", [None, 3])
-def test_states_written_before_the_moderate_exceedance_rate_load(df):
-    # No "q_band" in older states: the rate beyond clip stands in (normal noise almost never
-    # exceeds 2 clips), so a learned heavy tail stays learned and a normal one normal.
+@pytest.mark.parametrize("with_band", [True, False])
+def test_older_states_load_and_keep_their_heavy_tail_verdict(df, with_band):
+    # States written before the heavy-tail evidence, the CUSUM calibration and the change-point
+    # level (with "q_band", the rate of clip < |z| <= 2 clip, or before it without): a heavy
+    # tail they had recognised (both rates over twice normal; the rate beyond clip stands in for
+    # a missing q_band) stays recognised, a normal one normal; the CUSUM keeps its threshold.
     rng = np.random.default_rng(10)
     t, x = seasonal_series(rng, 4, df=df)
     det = SeasonalZScore()
     feed(det, x, t)
     state = json.loads(json.dumps(det.to_state()))
-    del state["q_band"]
+    for key in NEW_KEYS:
+        del state[key]
+    if with_band:
+        state["q_band"] = 0.9 * state["q"]
     old = SeasonalZScore.from_state(state)
-    assert old.to_state() == {**state, "q_band": state["q"]}
-    assert old.threshold == det.threshold
-    assert (old.threshold > normal_isf(1 / 40_000)) == (df is not None)
+    new_state = old.to_state()
+    assert {k: v for k, v in new_state.items() if k not in NEW_KEYS} == {
+        k: v for k, v in state.items() if k != "q_band"
+    }
+    assert (new_state["up_sum"], new_state["up_len"], new_state["down_len"]) == (0.0, 0, 0)
+    assert old.cusum_threshold == cusum_threshold(40_000, 1.0)
+    heavy = old.threshold > normal_isf(1 / 40_000)
+    assert heavy == (df is not None)
+    assert heavy == (det.threshold > normal_isf(1 / 40_000))
     old.update(float(x[-1]), float(t[-1]) + STEP)
+    assert SeasonalZScore.from_state(old.to_state()).to_state() == old.to_state()
 
 
 @pytest.mark.parametrize(
@@ -307,14 +469,27 @@ class PlainSeasonalZScore(SeasonalZScore):
         outlier = not armed and sigma > 0.0 and abs(z) > clip and abs(z) > threshold
         shifted = suspicious = False
         if armed:
+            h = self.cusum_threshold
             self._up = max(0.0, self._up + zc - self._k)
             self._down = max(0.0, self._down - zc - self._k)
-            if self._up > self._h or self._down > self._h:
+            # Each CUSUM's run since it last left 0.
+            self._up_sum, self._up_len = (
+                (self._up_sum + r, self._up_len + 1) if self._up else (0.0, 0)
+            )
+            self._down_sum, self._down_len = (
+                (self._down_sum + r, self._down_len + 1) if self._down else (0.0, 0)
+            )
+            if self._up > h or self._down > h:
                 shifted = True
-                self._level += r
+                if self._up > h:
+                    self._level += self._up_sum / self._up_len
+                else:
+                    self._level += self._down_sum / self._down_len
                 self._prev = 0.0
                 self._up = self._down = 0.0
-            suspicious = max(self._up, self._down) > 0.5 * self._h
+                self._up_sum = self._down_sum = 0.0
+                self._up_len = self._down_len = 0
+            suspicious = max(self._up, self._down) > 0.5 * h
         if not (shifted or suspicious):
             self._plain_learn(n, e, pred, zc, sigma, w, b0, b1, nb)
             if not (spike or outlier):
@@ -325,7 +500,18 @@ class PlainSeasonalZScore(SeasonalZScore):
                 self._n_tail += 1
                 step = max(0.001, 1.0 / self._n_tail)
                 self._q += step * (exceed - self._q)
-                self._q_band += step * ((exceed and az <= 2.0 * clip) - self._q_band)
+                if az <= min(1.5, clip):
+                    ell = self._ev_const - 2.5 * math.log1p(self._ev_a * az * az) + 0.5 * az * az
+                elif az <= clip:
+                    ell = self._ev_shoulder
+                elif az <= 2.0 * clip:
+                    ell = self._ev_band
+                else:
+                    ell = 0.0
+                self._evidence += step * (ell - self._evidence)
+                self._mgf += step * (
+                    math.exp(2.0 * self._k * zc - 2.0 * self._k * self._k) - self._mgf
+                )
                 if exceed:
                     self._n_exceed += 1
                     step = max(0.02, 1.0 / (self._n_exceed + 3.0))
@@ -398,14 +584,19 @@ def test_update_is_the_plain_update_bit_for_bit(kw, phi, df):
     x[spikes] += rng.choice([-1, 1], size=6) * rng.uniform(10, 40, size=6)
     x[int(3.5 * DAY) :] += 8.0
     fast, plain = SeasonalZScore(**kw), PlainSeasonalZScore(**kw)
+    heavy = calibrated = False
     for i, (xi, ti) in enumerate(zip(x.tolist(), t.tolist(), strict=True)):
         fast.update(xi, ti)
         plain.update(xi, ti)
         assert fast.to_state() == plain.to_state(), i
         assert fast.to_dict() == plain.to_dict(), i
+        heavy |= plain.threshold > plain._z_normal
+        calibrated |= plain.cusum_threshold > plain._h
         if i == 600:  # and after a state round trip
             fast = SeasonalZScore.from_state(json.loads(json.dumps(fast.to_state())))
     assert plain.n_alarms > 0
+    if df is not None:  # the Pareto threshold and the CUSUM calibration were exercised
+        assert heavy and calibrated
 
 
 def test_sparse_counts_with_min_scale_are_the_plain_update_bit_for_bit():
