@@ -179,7 +179,8 @@ class SeasonalZScore(_EdgeAlarm):
     ``1 / gamma`` whose posterior has shape ``a = m + 3`` (the 3 prior exceedances of the Hill
     mean, see below; at most 50, the exceedances the Hill mean remembers) and rate ``a gamma``,
     a new exceedance passes ``u`` with probability ``(1 + log(u / clip) / (a gamma)) ** -a``,
-    so the threshold is ``clip * exp(a gamma ((w q / budget) ** (1 / a) - 1))``. It is higher
+    so the threshold is ``clip * exp(a gamma ((w q / budget) ** (1 / a) - 1))`` (the conjugate
+    update taken with the robust, forgetting Hill mean for the mean log excess). It is higher
     while ``a`` is small and tends to the plug-in quantile as exceedances accumulate. ``w`` is
     the posterior probability of the heavy-tail model (even prior odds), the share of the
     exceedances it is answerable for (Bayesian model averaging, Hoeting et al. 1999).
@@ -214,24 +215,24 @@ class SeasonalZScore(_EdgeAlarm):
 
     **Level-shift threshold.** Siegmund's approximation holds for normal increments; a CUSUM of
     clipped heavy-tailed innovations of the same variance has more mass near the clip and
-    crosses a threshold sooner (its run length is set by the root ``theta*`` of
-    ``E[exp(theta (z_c - k))] = 1``: 2.1 for normal innovations, 1.7 for Student t(3), about
-    ten times the false alarms at the same threshold). So the moment generating function at
-    ``theta0 = 2 k`` (the normal root) is estimated alongside ``q``, and the normal law with the
-    same value at ``theta0``, of variance ``v = 2 (log M(theta0) + k theta0) / theta0 ** 2``,
-    stands in for the innovations: its root ``2 k / v`` is within 2% of ``theta*`` for clipped
-    t(3), t(5) and t(10) noise. The CUSUM threshold is that of normal increments of variance
-    ``v`` (``sqrt(v) h(k / sqrt(v))``, tabulated for ``1 <= v <= 3``), never below the normal
-    one.
+    crosses a threshold sooner. Its run length is set by the root ``theta*`` of
+    ``E[exp(theta (z_c - k))] = 1``: 2.1 for normal innovations, 1.7 for Student t(3), by
+    Siegmund's approximation about nine times the false alarms at the same threshold. So the
+    moment generating function at ``theta0 = 2 k`` (the normal root) is estimated alongside
+    ``q``, and the normal law with the same value at ``theta0``, of variance
+    ``v = 2 (log M(theta0) + k theta0) / theta0 ** 2``, stands in for the innovations: its root
+    ``2 k / v`` is within 2% of ``theta*`` for clipped t(3), t(5) and t(10) noise. The CUSUM
+    threshold is that of normal increments of variance ``v``, ``sqrt(v) h(k / sqrt(v))``
+    (tabulated for ``1 <= v <= 3``), never below the normal one.
 
     On Student t(3) noise this keeps false alarms within the issue's 10 per 10,000 from the
-    first armed day on (about 6, against 10-16 before, on the seeded streams of the tests and
-    of bench/drift.py); the price is a heavier threshold there (spikes and level shifts the
-    noise itself often reaches are found less often). Normal noise keeps the normal quantile
-    and threshold, and a few warmup spikes leave them there. No alarm is raised before
-    ``warmup_s`` seconds of event time, while the seasonal profile is learned. An incident
-    (spike or shift) is one alarm; ``in_alarm`` clears after ``clear_after`` consecutive normal
-    updates.
+    first armed day on (about 6, against 10-16 before, on the seeded streams of the tests and of
+    bench/drift.py); the price is a heavier threshold there (spikes and level shifts the noise
+    itself often reaches are found less often). Normal noise keeps the normal quantile and,
+    within a few percent, the normal CUSUM threshold; a few warmup spikes leave them there. No
+    alarm is raised before ``warmup_s`` seconds of event time, while the seasonal profile is
+    learned. An incident (spike or shift) is one alarm; ``in_alarm`` clears after
+    ``clear_after`` consecutive normal updates.
 
     Parameters
     ----------

@@ -157,7 +157,7 @@ def test_heavy_tailed_false_alarms_meet_the_target_from_the_first_armed_day(phi)
     # Issue 4: at most 10 false alarms per 10,000 evaluations on heavy-tailed streams. The hard
     # part is the first armed days, while the tail is still being learned (bench/drift.py counts
     # days 3-7); the heavy-tail evidence, the Pareto predictive threshold and the calibrated
-    # CUSUM keep it near 6 here (the previous rules: 10-12 at phi 0, 14-16 at phi 0.5 on these
+    # CUSUM keep it near 6 here (the previous rules: 12.3 at phi 0, 16.3 at phi 0.5 on these
     # streams). Asserted with a margin under the target.
     rng = np.random.default_rng(11)
     alarms = n = 0
