@@ -168,7 +168,7 @@ class CalibrationDrift(_EdgeAlarm):
         # sums to exactly 0), and a function of the rows in the window and of where the blocks
         # split, which `to_state` records. When the older block is used up the newer one, less
         # the interval leaving, becomes it (one cumulative sum every ``window_intervals``
-        # updates). The sums are numpy arrays of (3, n_bins): three numpy additions an update
+        # updates). The sums are numpy arrays of (3, n_bins): two numpy additions an update
         # instead of ~60 Python ones, the same IEEE additions in the same order.
         if not len(counts) == len(prediction_sums) == len(outcome_sums) == self.n_bins:
             self._reject(counts, prediction_sums, outcome_sums)
