@@ -33,6 +33,7 @@ same arithmetic (``_EXACT``), bit for bit the batch's result.
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,6 +46,17 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CHUNK = 256
 _FAR = 1 << 60  # beyond any bucket key
 _KEEP = 1 << 22  # a scratch buffer larger than this (32 MiB, very wide layouts) is not kept
+
+
+def _ints(values: list[int]) -> np.ndarray:
+    """An int64 array of a list of ints, without numpy's per-element type discovery (which
+    costs more than the rest of a pair's layout)."""
+    return np.frombuffer(array("q", values), dtype=np.int64)
+
+
+def _floats(values: list[float]) -> np.ndarray:
+    """A float64 array of a list of numbers, as ``np.asarray(values, dtype=np.float64)``."""
+    return np.frombuffer(array("d", values), dtype=np.float64)
 
 
 class _Scratch:
@@ -179,7 +191,7 @@ def _pair_layout(scratch: _Scratch, hists: list[tuple[Any, Any]]) -> _Layout:
         t = hc.stores()
         stores += (s, t)
         flat += (s[0], len(s[1]), s[2], s[3], len(s[4]), t[0], len(t[1]), t[2], t[3], len(t[4]))
-    meta = np.array(flat, dtype=np.int64).reshape(k_pairs, 2, 5)
+    meta = _ints(flat).reshape(k_pairs, 2, 5)
     n_off, n_len, zero, p_off, p_len = (meta[:, :, i] for i in range(5))
     # The layout of each pair (see histogram_distance._key_layout): negative keys nlo..nhi-1
     # (largest first), the zero bucket at ln, positive keys plo..phi-1 after it.
@@ -222,9 +234,10 @@ def _window_layout(scratch: _Scratch, windows: list[Any]) -> _Layout:
     # one negative key wider, (ln + 1, nhi + 1, plo), whose extra key nhi is empty. So each
     # side is one concatenation of whole arrays.
     k_pairs = len(windows)
-    meta = np.array(
-        [(x.win.shape[0], x.ln + 1, x.nhi + 1, x.plo) for x in windows], dtype=np.int64
-    ).reshape(k_pairs, 4)
+    flat: list[int] = []
+    for x in windows:
+        flat += (x.win.shape[0], x.ln + 1, x.nhi + 1, x.plo)
+    meta = _ints(flat).reshape(k_pairs, 4)
     sizes = meta[:, 0]
     seg = np.zeros(k_pairs + 1, dtype=np.int64)
     np.cumsum(sizes, out=seg[1:])
@@ -267,7 +280,7 @@ def _batch(
     nn = np.where(ok, n, 1.0)
     mm = np.where(ok, m, 1.0)
     n_eff = nn * mm / (nn + mm)
-    alpha_a = np.asarray(alpha, dtype=np.float64)
+    alpha_a = _floats(alpha)
     with np.errstate(divide="ignore", invalid="ignore"):  # held pairs only
         if distances & {"psi", "js"}:
             _coarse_distances(
@@ -335,10 +348,7 @@ def _coarse_distances(
     """PSI and JS on the merged bins of every pair (see ``histogram_distance._coarsen``)."""
     k_pairs = n.shape[0]
     tot = n + m
-    step = np.maximum(
-        np.asarray(min_expected, dtype=np.float64) * tot / np.minimum(n, m),
-        tot / np.asarray(max_bins, dtype=np.float64),
-    )
+    step = np.maximum(_floats(min_expected) * tot / np.minimum(n, m), tot / _floats(max_bins))
     last = np.floor(tot / step - 1e-9) - 1.0
     n_bounds = np.where(ok & (last >= 1.0), last, 0.0).astype(np.int64)
     n_j = int(n_bounds.sum())
