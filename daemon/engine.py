@@ -409,7 +409,8 @@ class Engine:
         self.counters["summaries"] += 1
         for arm, data in incoming.items():
             st.arms.setdefault(arm, ArmData()).merge_in(data)
-            st.interval.setdefault(arm, ArmData()).merge_in(data)
+            # The decoded record is dropped below: the interval takes its Summaries.
+            st.interval.setdefault(arm, ArmData()).absorb(data)
         _ranges_add(st.summary_offsets, f"{topic}:{partition}", offset, offset)
         for o in rec.get("offsets") or []:
             try:

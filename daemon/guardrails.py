@@ -65,6 +65,18 @@ class ArmData:
                 else:
                     target[name] = s.copy()
 
+    def absorb(self, other: ArmData) -> None:
+        """:meth:`merge_in` for an ``other`` that is discarded afterwards: its Summaries are
+        taken as they are where this has none of that name, instead of copied."""
+        self.count += other.count
+        for kind in ("metrics", "features"):
+            target: dict[str, Summary] = getattr(self, kind)
+            for name, s in getattr(other, kind).items():
+                if name in target:
+                    target[name].merge_in(s)
+                else:
+                    target[name] = s
+
     def get(self, source: str, name: str) -> Summary | None:
         return (self.features if source == "feature" else self.metrics).get(name)
 
