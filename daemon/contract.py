@@ -66,9 +66,11 @@ Skipped(reason='unknown_experiment', detail='other')
 from __future__ import annotations
 
 import gc
+import weakref
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -543,9 +545,9 @@ class PartitionAccumulator:
         was consumed."""
         if not self.consumed:
             return None
-        # Building the states allocates ~10 containers per group and none of them can form a
-        # cycle: the cyclic collector would only rescan them (3x the drain time at 10,000
-        # experiments). drain is synchronous, so nothing else runs while it is off.
+        # Nothing a flush allocates can form a cycle (the version-1 fallback builds ~10
+        # containers per group): the cyclic collector would only rescan it. drain is
+        # synchronous, so nothing else runs while it is off.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -602,14 +604,17 @@ class PartitionAccumulator:
                 # Each series' arm as its position in its record's "arms" (the experiment's
                 # groups with records, ascending), and its name as a position in "names".
                 rank = labels.searchsorted(row_gid)
-                row_arm = (rank - first[first.searchsorted(rank, side="right") - 1]).tolist()
-                row_name = (series - row_gid * n_names).tolist()
-                lo = series.searchsorted(labels[first] * n_names).tolist()
-                hi = series.searchsorted(labels[end - 1] * n_names + n_names).tolist()
+                row_arm = rank - first[first.searchsorted(rank, side="right") - 1]
+                row_name = series - row_gid * n_names
+                # Experiment k's series are rows row_bounds[k] .. row_bounds[k + 1] - 1.
+                row_bounds = np.r_[series.searchsorted(labels[first] * n_names), series.shape[0]]
             else:
                 gs = None
-            head = {
-                "experiment": None,
+            # Every record of the flush: {"v": 2, "experiment", **head, "span", "arms",
+            # "count", then "ra" .. "rows" when it has rows}, built column by column as bytes:
+            # each column is serialised once for the whole flush and cut into one piece per
+            # record (no per-record dicts; the bytes are those orjson.dumps of the dict gave).
+            head: dict[str, Any] = {
                 "config_version": c.config_version,
                 "source": {"topic": self.topic, "partition": self.partition},
                 "offsets": [
@@ -621,38 +626,54 @@ class PartitionAccumulator:
                     }
                 ],
             }
-            exp_ids = c._exp_ids
-            arm_names = [c._groups[g][1] for g in labels.tolist()]
-            count_list = counts.tolist()
-            span_min = span_lo[exp_of[first]].tolist()
-            span_max = span_hi[exp_of[first]].tolist()
-            dumps = orjson.dumps
-            opt = orjson.OPT_SERIALIZE_NUMPY
-            for k, (a, b, e) in enumerate(
-                zip(first.tolist(), end.tolist(), exp_of[first].tolist(), strict=True)
-            ):
-                rec: dict[str, Any] = {
-                    "v": 2,
-                    **head,
-                    "experiment": exp_ids[e],
-                    "span": {"min_ts": span_min[k], "max_ts": span_max[k]},
-                    "arms": arm_names[a:b],
-                    "count": count_list[a:b],
-                }
-                if gs is not None and lo[k] < hi[k]:
-                    i, j = lo[k], hi[k]
-                    rows = gs.block(i, j)
-                    if rows is None:  # an arm's histogram collapsed: not columnar
-                        rec = _v1_record(rec, labels[a:b].tolist(), gs, names)
-                    else:
-                        rec["ra"] = ra
-                        rec["mb"] = gs.max_bins
-                        rec["names"] = names
-                        rows["arm"] = row_arm[i:j]
-                        rows["name"] = row_name[i:j]
-                        rec["rows"] = rows
-                summaries.append(_encoded(rec, dumps(rec, option=opt)))
-            summaries.sort(key=lambda kv: kv[0])
+            exp_pos = exp_of[first]
+            ids = _ids_of(c)
+            exp_ids = ids.experiments[exp_pos].tolist()
+            arm_names = ids.arms[labels].tolist()
+            slots: list[Iterable[bytes]] = [
+                repeat(b'{"v":2,"experiment":'),
+                _pieces(exp_ids, np.arange(len(exp_ids) + 1)),
+                repeat(b"," + orjson.dumps(head)[1:-1] + b',"span":{"min_ts":'),
+                _pieces(span_lo[exp_pos], np.arange(len(exp_ids) + 1)),
+                repeat(b',"max_ts":'),
+                _pieces(span_hi[exp_pos], np.arange(len(exp_ids) + 1)),
+                repeat(b'},"arms":['),
+                _pieces(arm_names, np.r_[first, labels.shape[0]]),
+                repeat(b'],"count":['),
+                _pieces(counts, np.r_[first, labels.shape[0]]),
+                repeat(b"]"),
+            ]
+            if gs is not None:
+                slots += _rows_slots(gs, names, row_arm, row_name, row_bounds, ra)
+            slots.append(repeat(b"}"))
+            # strict=False: the constant slots repeat endlessly; the others have a piece for
+            # every record.
+            values = list(map(b"".join, zip(*slots, strict=False)))
+            if gs is not None and gs.collapsed:
+                # An arm's histogram collapsed (its store is not columnar): version 1.
+                at = row_bounds.searchsorted(gs.collapsed, side="right") - 1
+                for k in np.unique(at).tolist():
+                    a, b = int(first[k]), int(end[k])
+                    rec = {
+                        "experiment": exp_ids[k],
+                        **head,
+                        "span": {
+                            "min_ts": float(span_lo[exp_pos[k]]),
+                            "max_ts": float(span_hi[exp_pos[k]]),
+                        },
+                        "arms": arm_names[a:b],
+                        "count": counts[a:b].tolist(),
+                    }
+                    record = _v1_record(rec, labels[a:b].tolist(), gs, names)
+                    values[k] = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+            # Sorted by key (the experiments' config order usually is already).
+            key_rank = ids.rank[exp_pos]
+            keys = ids.keys[exp_pos]
+            if key_rank.shape[0] > 1 and not (key_rank[1:] > key_rank[:-1]).all():
+                order = np.argsort(key_rank)
+                keys = keys[order]
+                values = [values[k] for k in order.tolist()]
+            summaries = list(zip(keys.tolist(), values, strict=True))
         assert self.first_offset is not None and self.last_offset is not None
         out = Flush(
             topic=self.topic,
@@ -678,6 +699,37 @@ class PartitionAccumulator:
             self.next_offset = first
 
 
+class _Ids(NamedTuple):
+    """A contract's names as arrays, for the flush's fancy indexing."""
+
+    experiments: np.ndarray  # object: experiment id by position in the config
+    keys: np.ndarray  # object: its summary record key (UTF-8)
+    rank: np.ndarray  # int64: its position in key order
+    arms: np.ndarray  # object: arm name by group id
+
+
+# Built at a contract's first flush (a contract never changes; a new config is a new one).
+_IDS: weakref.WeakKeyDictionary[Contract, _Ids] = weakref.WeakKeyDictionary()
+
+
+def _ids_of(c: Contract) -> _Ids:
+    ids = _IDS.get(c)
+    if ids is None:
+        keys = [e.encode() for e in c._exp_ids]
+        rank = np.empty(len(keys), dtype=np.int64)
+        rank[sorted(range(len(keys)), key=keys.__getitem__)] = np.arange(len(keys))
+        ids = _IDS[c] = _Ids(
+            _objects(c._exp_ids), _objects(keys), rank, _objects([arm for _, arm in c._groups])
+        )
+    return ids
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
 def _v1_record(
     rec: dict[str, Any], groups: list[int], gs: GroupSummaries, names: list[list[str]]
 ) -> dict[str, Any]:
@@ -696,10 +748,100 @@ def _v1_record(
     return {"v": 1, **{key: rec[key] for key in keep}, "arms": arms}
 
 
-def _encoded(record: dict[str, Any], value: bytes) -> tuple[bytes, bytes]:
-    # orjson hands back its growth buffer (up to ~3x the length); an exact copy costs a memcpy
-    # and keeps a flush of 10,000 summaries from holding tens of MB of slack until it commits.
-    return record["experiment"].encode(), bytes(memoryview(value))
+def _rows_slots(
+    gs: GroupSummaries,
+    names: list[list[str]],
+    row_arm: np.ndarray,
+    row_name: np.ndarray,
+    row_bounds: np.ndarray,
+    ra: float,
+) -> list[Iterable[bytes]]:
+    """The slots of every version-2 record from ``"ra"`` to the end of ``"rows"``, in the key
+    order the record has always had (``b""`` for a record without rows or without values of
+    one sign); experiment ``k``'s rows are ``row_bounds[k]`` .. ``row_bounds[k + 1] - 1``."""
+    cols = gs.columns()
+    has_rows = row_bounds[1:] > row_bounds[:-1]
+    dumps = orjson.dumps
+    lead = b',"ra":%b,"mb":%b,"names":%b,"rows":{"count":[' % (
+        dumps(ra),
+        dumps(gs.max_bins),
+        dumps(names),
+    )
+    out: list[Iterable[bytes]] = [_const(lead, has_rows), _pieces(cols.count, row_bounds)]
+    for key, col in (("sum", cols.sum), ("m2", cols.m2), ("min", cols.min), ("max", cols.max)):
+        out += [_const(b'],"%b":[' % key.encode(), has_rows), _pieces(col, row_bounds)]
+    out += [
+        _const(b'],"zero":[', has_rows),
+        _pieces(cols.zero, row_bounds),
+        _const(b"]", has_rows),
+    ]
+    for key, st in (("pos", cols.pos), ("neg", cols.neg)):
+        if st is None:  # no value of that sign in the flush
+            continue
+        pair_bounds = st.bounds[row_bounds]
+        has = pair_bounds[1:] > pair_bounds[:-1]
+        out += [
+            _const(b',"%b":[[' % key.encode(), has),
+            _pieces(st.nnz, row_bounds, keep=has),
+            _const(b"],[", has),
+            _pieces(st.keys, pair_bounds),
+            _const(b"],[", has),
+            _pieces(st.counts, pair_bounds),
+            _const(b"]]", has),
+        ]
+    out += [
+        _const(b',"arm":[', has_rows),
+        _pieces(row_arm, row_bounds),
+        _const(b'],"name":[', has_rows),
+        _pieces(row_name, row_bounds),
+        _const(b"]}", has_rows),
+    ]
+    return out
+
+
+def _const(piece: bytes, present: np.ndarray) -> Iterable[bytes]:
+    """``piece`` for every record where ``present``, ``b""`` for the others."""
+    if present.all():
+        return repeat(piece)
+    return [piece if p else b"" for p in present.tolist()]
+
+
+_SEP = 10  # b"\n": never in orjson's output (it escapes control characters in strings)
+
+
+def _pieces(items: Any, bounds: np.ndarray, keep: np.ndarray | None = None) -> list[bytes]:
+    """Per group ``k`` the JSON of ``items[bounds[k]:bounds[k + 1]]`` without its brackets
+    (``b""`` when empty or not ``keep``), byte for byte as in ``orjson.dumps`` of that list.
+
+    ``items`` (a numpy array or a list of strings) is serialised once and cut at the commas
+    between groups; ``bounds`` ascends from 0 to ``len(items)``.
+    """
+    n_groups = bounds.shape[0] - 1
+    nonempty = bounds[1:] > bounds[:-1]
+    if keep is not None:
+        nonempty &= keep
+    if not nonempty.any():
+        return [b""] * n_groups
+    buf = orjson.dumps(items, option=orjson.OPT_SERIALIZE_NUMPY)
+    arr = np.frombuffer(buf, dtype=np.uint8)[1:-1].copy()
+    commas = np.flatnonzero(arr == 44)  # b","
+    if commas.shape[0] != len(items) - 1:
+        # A string holds a comma (numbers never do): the separators from each one's length.
+        lengths = np.array([len(orjson.dumps(x)) for x in items], dtype=np.int64)
+        commas = np.cumsum(lengths + 1)[:-1] - 1
+    # Cut after each group (a dropped group's elements become pieces that are then ignored).
+    ends = bounds[1:][bounds[1:] > bounds[:-1]][:-1]
+    arr[commas[ends - 1]] = _SEP
+    pieces = arr.tobytes().split(b"\n")
+    if nonempty.all():
+        return pieces
+    out = [b""] * n_groups
+    full = np.flatnonzero(bounds[1:] > bounds[:-1])
+    for k, piece in zip(full.tolist(), pieces, strict=True):
+        out[k] = piece
+    for k in np.flatnonzero(~nonempty).tolist():
+        out[k] = b""
+    return out
 
 
 def _field_rejection(rec: Any, path: str, v: Any, want: str) -> DeadLetter:

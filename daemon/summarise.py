@@ -30,13 +30,13 @@ True
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from armguard.detectors.summary import LogHistogram, Summary
 
-__all__ = ["GroupSummaries", "summarise_groups"]
+__all__ = ["Columns", "GroupSummaries", "StoreColumns", "summarise_groups"]
 
 _TINY = float(np.finfo(np.float64).tiny)  # the zero bucket's bound, as in LogHistogram
 
@@ -139,6 +139,32 @@ def _distinct_pairs(seg: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
     return pair_seg, pair_key, np.diff(np.r_[first, keys.shape[0]])
 
 
+class StoreColumns(NamedTuple):
+    """One sign's histogram stores of every group, as a version-2 record's ``pos``/``neg``
+    columns hold them: group ``j``'s non-empty buckets are pairs ``bounds[j]`` up to
+    ``bounds[j + 1]`` of ``keys`` and ``counts`` (``nnz[j]`` of them)."""
+
+    bounds: np.ndarray  # int64, one more than there are groups
+    nnz: np.ndarray
+    keys: np.ndarray
+    counts: np.ndarray
+
+
+class Columns(NamedTuple):
+    """Every group's summary in columns (numpy arrays, one entry per group): what
+    :meth:`GroupSummaries.block` writes for a range of groups. ``pos``/``neg`` are ``None``
+    when no value has that sign."""
+
+    count: np.ndarray
+    sum: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    zero: np.ndarray
+    pos: StoreColumns | None
+    neg: StoreColumns | None
+
+
 class GroupSummaries:
     """The summaries of many groups of values, in columns; :meth:`state` builds one group's
     ``Summary.to_state()`` dict.
@@ -204,8 +230,9 @@ class GroupSummaries:
         self._block_cols: tuple[Any, ...] | None = None
         self._state_cols: tuple[Any, ...] | None = None
         self._wide: dict[int, dict[str, Any]] = {}
+        self._cols: tuple[list[Any], ...] | None = None
         if not n_groups:
-            self._cols: tuple[list[Any], ...] = ()
+            self._arrays: tuple[np.ndarray, ...] = ()
             self._stores: tuple[_Stores | None, _Stores | None] = (None, None)
             return
         v = values
@@ -226,15 +253,7 @@ class GroupSummaries:
         # None: no value of that sign (negatives are rare), so every group's store is empty.
         p = _Stores(hist._keys(v[pos]), seg[pos], n_groups, max_bins) if pos.any() else None
         n = _Stores(hist._keys(-v[neg]), seg[neg], n_groups, max_bins) if neg.any() else None
-        # One conversion per column; per-group work is then plain list indexing.
-        self._cols = (
-            counts.tolist(),
-            sums.tolist(),
-            m2.tolist(),
-            mins.tolist(),
-            maxs.tolist(),
-            zeros.tolist(),
-        )
+        self._arrays = (counts, sums, m2, mins, maxs, zeros)
         self._stores = (p, n)
         wide = [s.wide for s in (p, n) if s is not None]
         for j in np.flatnonzero(np.logical_or.reduce(wide)).tolist() if wide else ():
@@ -250,6 +269,35 @@ class GroupSummaries:
     def max_bins(self) -> int:
         """The histograms' bound on buckets per store."""
         return self._mb
+
+    @property
+    def collapsed(self) -> list[int]:
+        """Positions of the groups whose histogram spans more than ``max_bins`` keys (their
+        collapsed store is only in :meth:`state`), ascending."""
+        return sorted(self._wide)
+
+    def columns(self) -> Columns:
+        """Every group's block columns as numpy arrays, in :attr:`labels` order (what
+        :meth:`block` slices, without a Python object per value)."""
+        stores = tuple(
+            None
+            if st is None
+            else StoreColumns(
+                np.r_[st.starts, st.pair_keys.shape[0]], st.nnz, st.pair_keys, st.pair_counts
+            )
+            for st in self._stores
+        )
+        if not self._arrays:
+            empty_i = np.zeros(0, dtype=np.int64)
+            empty_f = np.zeros(0, dtype=np.float64)
+            return Columns(empty_i, empty_f, empty_f, empty_f, empty_f, empty_i, None, None)
+        return Columns(*self._arrays, *stores)
+
+    def _lists(self) -> tuple[list[Any], ...]:
+        """The per-group columns as lists (one conversion each; then plain indexing)."""
+        if self._cols is None:
+            self._cols = tuple(a.tolist() for a in self._arrays) if self._arrays else ([],) * 6
+        return self._cols
 
     def index(self, label: int) -> int:
         """Position of a group label in :attr:`labels` (``KeyError`` if it has no values)."""
@@ -283,7 +331,7 @@ class GroupSummaries:
                 )
                 for st in self._stores
             )
-        counts, sums, m2s, mins, maxs, zeros = self._cols
+        counts, sums, m2s, mins, maxs, zeros = self._lists()
         out: dict[str, Any] = {
             "count": counts[a:b],
             "sum": sums[a:b],
@@ -306,7 +354,7 @@ class GroupSummaries:
         """The ``Summary.to_state()`` dict of the group at position ``j``."""
         if self._wide and j in self._wide:
             return self._wide[j]
-        counts, sums, m2s, mins, maxs, zeros = self._cols
+        counts, sums, m2s, mins, maxs, zeros = self._lists()
         if self._state_cols is None:
             self._state_cols = tuple(
                 None if st is None else st.columns(self._numpy_counts) for st in self._stores

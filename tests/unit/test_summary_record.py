@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from armguard.daemon.contract import Contract, PartitionAccumulator, RawRecord
+from armguard.daemon.contract import Contract, PartitionAccumulator, RawRecord, _pieces
 from armguard.daemon.engine import Engine
 from armguard.daemon.experiments import parse_experiments
 from armguard.daemon.settings import IngestSettings
@@ -244,3 +244,229 @@ def test_the_engine_counts_malformed_records_and_merges_good_ones():
     assert engine.counters["summaries"] == 1
     st = engine.state_for("b")
     assert st is not None and st.arms["control"].metrics["latency_ms"].sum == 2.0
+
+
+# -- the flush's column-by-column encoding equals the per-record one it replaced ----------------
+
+
+def _previous_encoding(acc: PartitionAccumulator) -> list[tuple[bytes, bytes]]:
+    """The summaries of ``acc``'s pending records as the flush wrote them before it built
+    records column by column: one dict per experiment (``GroupSummaries.block``, or version 1
+    through ``GroupSummaries.state``), each through ``orjson.dumps``. Call before ``drain``."""
+    c = acc.contract
+    if not acc._gids:
+        return []
+    gids = np.frombuffer(acc._gids, dtype=np.int64)
+    ts = np.frombuffer(acc._ts, dtype=np.float64)
+    per_group = np.bincount(gids)
+    labels = np.flatnonzero(per_group)
+    counts = per_group[labels]
+    exp_of = c._group_exp[labels]
+    first = np.flatnonzero(np.r_[True, exp_of[1:] != exp_of[:-1]])
+    end = np.r_[first[1:], labels.shape[0]]
+    span_lo = np.full(len(c._exp_ids), np.inf)
+    span_hi = np.full(len(c._exp_ids), -np.inf)
+    np.minimum.at(span_lo, c._group_exp[gids], ts)
+    np.maximum.at(span_hi, c._group_exp[gids], ts)
+    names, parts_v, parts_g = [], [], []
+    for section, cols in (("metrics", acc._mcols), ("features", acc._fcols)):
+        for name, (vals, grp) in cols.items():
+            if vals:
+                names.append([section, name])
+                parts_v.append(np.frombuffer(vals, dtype=np.float64))
+                parts_g.append(np.frombuffer(grp, dtype=np.int64))
+    n_names = max(len(names), 1)
+    gs = None
+    if names:
+        gs = GroupSummaries(
+            np.concatenate(parts_v),
+            np.concatenate([g * n_names + m for m, g in enumerate(parts_g)]),
+            relative_accuracy=c.relative_accuracy,
+            numpy_counts=True,
+        )
+        series = gs.labels
+        row_gid = series // n_names
+        rank = labels.searchsorted(row_gid)
+        row_arm = (rank - first[first.searchsorted(rank, side="right") - 1]).tolist()
+        row_name = (series - row_gid * n_names).tolist()
+        lo = series.searchsorted(labels[first] * n_names).tolist()
+        hi = series.searchsorted(labels[end - 1] * n_names + n_names).tolist()
+    head = {
+        "experiment": None,
+        "config_version": c.config_version,
+        "source": {"topic": acc.topic, "partition": acc.partition},
+        "offsets": [
+            {
+                "topic": acc.topic,
+                "partition": acc.partition,
+                "first": acc.first_offset,
+                "last": acc.last_offset,
+            }
+        ],
+    }
+    arm_names = [c._groups[g][1] for g in labels.tolist()]
+    out = []
+    for k, (a, b, e) in enumerate(
+        zip(first.tolist(), end.tolist(), exp_of[first].tolist(), strict=True)
+    ):
+        rec = {
+            "v": 2,
+            **head,
+            "experiment": c._exp_ids[e],
+            "span": {"min_ts": float(span_lo[e]), "max_ts": float(span_hi[e])},
+            "arms": arm_names[a:b],
+            "count": counts[a:b].tolist(),
+        }
+        if gs is not None and lo[k] < hi[k]:
+            rows = gs.block(lo[k], hi[k])
+            if rows is None:
+                arms = {}
+                for g, arm, n in zip(labels[a:b].tolist(), rec["arms"], rec["count"], strict=True):
+                    body = {"count": n, "metrics": {}, "features": {}}
+                    for m, (section, name) in enumerate(names):
+                        try:
+                            body[section][name] = gs.state(gs.index(g * n_names + m))
+                        except KeyError:
+                            continue
+                    arms[arm] = body
+                keep = ("experiment", "config_version", "source", "offsets", "span")
+                rec = {"v": 1, **{key: rec[key] for key in keep}, "arms": arms}
+            else:
+                rec |= {"ra": c.relative_accuracy, "mb": gs.max_bins, "names": names}
+                rows["arm"] = row_arm[lo[k] : hi[k]]
+                rows["name"] = row_name[lo[k] : hi[k]]
+                rec["rows"] = rows
+        out.append(
+            (rec["experiment"].encode(), orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY))
+        )
+    return sorted(out)
+
+
+# Config order is not key order; "c-none" summarises nothing (records without rows); "a"
+# takes negative values and zeros and its delta can collapse (1e-30 and 1e30 in one arm).
+MIXED = parse_experiments(
+    """
+experiments:
+  - id: zz
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    metrics:
+      latency_ms: {min: 0, max: 600000}
+  - id: a
+    control: control
+    arms: {control: 0.25, t1: 0.25, t2: 0.25, t3: 0.25}
+    metrics:
+      latency_ms: {min: 0, max: 600000}
+      delta: {min: -1.0e40, max: 1.0e40}
+    features:
+      score: {min: -100, max: 100}
+  - id: c-none
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+  - id: b.1
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    metrics:
+      latency_ms: {min: 0, max: 600000}
+    features:
+      score: {min: -100, max: 100}
+""",
+    where="mixed.yaml",
+)
+_ARMS = {e.id: list(e.arms) for e in MIXED.experiments}
+_VALUES = st.one_of(
+    st.floats(-1e6, 1e6, allow_nan=False),
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-300, -1e-300, 1e-30, 1e30, -1e30, 0.5, 2.25]),
+    st.integers(-100, 100),
+)
+
+
+@st.composite
+def _telemetry(draw) -> list[bytes]:
+    out = []
+    for _ in range(draw(st.integers(1, 60))):
+        exp = draw(st.sampled_from([*_ARMS, "unknown"]))
+        arm = draw(st.sampled_from(_ARMS.get(exp, ["control"])))
+        body = {"experiment": exp, "arm": arm, "ts": NOW - draw(st.floats(0, 100))}
+        metrics = {
+            name: draw(_VALUES)
+            for name in draw(st.sets(st.sampled_from(["latency_ms", "delta", "other"])))
+        }
+        if metrics:
+            body["metrics"] = metrics
+        if draw(st.booleans()):
+            body["features"] = {"score": draw(_VALUES)}
+        out.append(orjson.dumps(body))
+    return out
+
+
+def _both_encodings(contract: Contract, values: list[bytes]):
+    acc = PartitionAccumulator(contract, "telemetry", 3)
+    acc.fold([RawRecord(100 + i, v) for i, v in enumerate(values)], now=NOW)
+    want = _previous_encoding(acc)
+    flush = acc.drain()
+    return (flush.summaries if flush else []), want
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=_telemetry())
+def test_flush_bytes_equal_the_previous_per_record_encoding(values):
+    got, want = _both_encodings(Contract(MIXED, IngestSettings()), values)
+    assert [k for k, _ in got] == sorted(k for k, _ in got)
+    assert got == want  # byte for byte: same keys, same key order, same number formatting
+    for (_, g), (_, w) in zip(got, want, strict=True):
+        assert arm_states(orjson.loads(g)) == arm_states(orjson.loads(w))
+
+
+@pytest.mark.parametrize("collapse", [False, True])
+def test_a_seeded_flush_of_many_experiments_is_byte_identical_to_the_previous_encoding(collapse):
+    text = "experiments:\n" + "".join(
+        f"  - id: e{i:03d}\n    control: c\n    arms: {{c: 0.5, t: 0.5}}\n"
+        f"    metrics: {{x: {{min: -1.0e40, max: 1.0e40}}, y: {{min: 0, max: 1}}}}\n"
+        for i in range(300, 0, -1)  # config order is the reverse of key order
+    )
+    contract = Contract(parse_experiments(text, where="many.yaml"), IngestSettings())
+    rng = np.random.default_rng(11)
+    n = 20_000
+    x = np.where(rng.random(n) < 0.2, 0.0, rng.normal(0, 100, n))
+    if collapse:
+        x[:2] = [1e-30, 1e30]
+    values = [
+        orjson.dumps(
+            {
+                "experiment": f"e{int(e):03d}",
+                "arm": "ct"[int(a)],
+                "ts": NOW - float(t),
+                "metrics": {"x": float(v)} | ({"y": int(y)} if y >= 0 else {}),
+            }
+        )
+        for e, a, t, v, y in zip(
+            rng.integers(1, 301, n),
+            rng.integers(0, 2, n),
+            rng.random(n) * 60,
+            x,
+            rng.integers(-1, 2, n),
+            strict=True,
+        )
+    ]
+    values[0] = orjson.dumps({"experiment": "e007", "arm": "c", "ts": NOW, "metrics": {}})
+    got, want = _both_encodings(contract, values)
+    assert len(got) == 300 and got == want
+    versions = [orjson.loads(v)["v"] for _, v in got]
+    assert versions.count(1) == (1 if collapse else 0)
+
+
+@given(
+    items=st.lists(st.text(max_size=6), max_size=12),
+    sizes=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+)
+def test_pieces_cut_the_json_of_a_list_at_group_bounds(items, sizes):
+    # Strings with commas, quotes and escapes take the slower path; the pieces are the same.
+    bounds = np.minimum(np.r_[0, np.cumsum(sizes)], len(items))
+    bounds[-1] = len(items)
+    pieces = _pieces(items, bounds)
+    for k, piece in enumerate(pieces):
+        assert piece == orjson.dumps(items[bounds[k] : bounds[k + 1]])[1:-1]
+    keep = np.arange(len(sizes)) % 2 == 0
+    kept = _pieces(items, bounds, keep=keep)
+    assert kept == [p if k else b"" for p, k in zip(pieces, keep.tolist(), strict=True)]
