@@ -505,3 +505,27 @@ def test_apply_summaries_batches_drift_updates_across_experiments(monkeypatch):
     # drift guardrail runs on all 3 arms of the 8.
     assert max(sizes[TwoSampleDrift]) >= 16 and sum(sizes[TwoSampleDrift]) >= 100
     assert max(sizes[WindowDrift]) >= 16 and sum(sizes[WindowDrift]) >= 64
+
+
+def test_arm_data_absorb_equals_merge_in_and_takes_the_summaries():
+    from armguard.daemon.guardrails import ArmData
+
+    rng = np.random.default_rng(43)
+
+    def arm(*names):
+        return ArmData(
+            count=10,
+            metrics={n: Summary.from_values(rng.lognormal(0, 1, 50)) for n in names},
+            features={"f": Summary.from_values(rng.normal(0, 1, 50))},
+        )
+
+    first, second = arm("a", "b"), arm("b", "c")
+    merged, absorbed = ArmData(), ArmData()
+    for data in (first, second):
+        merged.merge_in(data)
+    absorbed.absorb(first)
+    new_c = second.metrics["c"]
+    absorbed.absorb(second)
+    assert absorbed.to_state() == merged.to_state()
+    assert absorbed.metrics["c"] is new_c  # taken, not copied
+    assert merged.metrics["c"] is not new_c
