@@ -1,0 +1,213 @@
+"""Review of the committed-position bookkeeping (b23938d) against rebalances and fences:
+telemetry written in transactions (commit markers, aborted transactions) leaves offsets that
+hold no record, which ingest now commits past, in offsets-only transactions where nothing else
+is pending. Across a rebalance and a fence no committed record may be lost or counted twice,
+and the committed offsets must still reach the end of every partition."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from armguard.daemon.contract import Contract
+from armguard.daemon.health import Health
+from armguard.daemon.ingest import IngestStage, ingest_transactional_id
+from armguard.daemon.metrics import Metrics
+from armguard.daemon.settings import Settings
+
+from .ingest_support import (
+    assert_same_summaries,
+    committed,
+    end_offsets,
+    experiments,
+    good_records,
+    merge_summaries,
+    read_topic,
+    reference,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _settings(bootstrap: str, topic: str, summaries: str, deadletter: str, group: str):
+    return Settings(
+        kafka={"bootstrap_servers": bootstrap, "session_timeout_ms": 6000},
+        topics={"telemetry": [topic], "summaries": summaries, "deadletter": deadletter},
+        ingest={"group_id": group, "flush_interval_s": 0.3},
+        evaluate={"enabled": False},
+    )
+
+
+async def _transactions(
+    bootstrap: str,
+    topic: str,
+    writer: str,
+    plan: list[tuple[list[bytes], bool, list[int]]],
+) -> int:
+    """Write each (values, commit, partitions) as one transaction, the values round-robin over
+    its partitions; return how many committed records were written."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=writer)
+    await producer.start()
+    written = 0
+    try:
+        for values, commit, partitions in plan:
+            await producer.begin_transaction()
+            for i, v in enumerate(values):
+                await producer.send(topic, v, partition=partitions[i % len(partitions)])
+            if commit:
+                await producer.commit_transaction()
+                written += len(values)
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
+    return written
+
+
+async def _caught_up(admin, group: str, topic: str, ends: dict[int, int], tasks) -> bool:
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            task.result()  # surface the stage's failure instead of timing out
+    return await committed(admin, group, topic, len(ends)) == ends
+
+
+def _assert_no_overlap(summary_values: list[bytes], topic: str) -> None:
+    """No input offset is covered by two summaries (nothing counted twice)."""
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for raw in summary_values:
+        rec = orjson.loads(raw)
+        for o in rec["offsets"]:
+            assert o["topic"] == topic
+            ranges.setdefault(o["partition"], []).append((o["first"], o["last"]))
+    for p, rs in ranges.items():
+        ordered = sorted(set(rs))
+        for (_, last), (first, _) in itertools.pairwise(ordered):
+            assert first > last, f"partition {p}: overlapping flushes {ordered}"
+
+
+async def test_transactional_telemetry_across_rebalances_counts_each_record_once(
+    kafka_bootstrap, admin, make_topic, unique
+):
+    """Markers and aborted transactions on every partition while a second instance joins and
+    the first leaves: each committed record is summarised exactly once, no aborted one, and
+    the committed offsets reach the end (past the last markers) on every partition."""
+    topic = await make_topic("telemetry", partitions=4)
+    summaries = await make_topic("summaries", partitions=2)
+    deadletter = await make_topic("deadletter")
+    group = f"ingest-{unique}"
+    writer = f"writer-{unique}"
+    now = time.time()
+    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    everywhere = [0, 1, 2, 3]
+    seed = iter(range(300, 400))
+
+    def plan(n_tx: int, *, abort_every: int) -> list[tuple[list[bytes], bool, list[int]]]:
+        return [
+            (good_records(120, now, seed=next(seed)), (i + 1) % abort_every != 0, everywhere)
+            for i in range(n_tx)
+        ]
+
+    def stage() -> IngestStage:
+        return IngestStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
+
+    first, second = stage(), stage()
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(first.run(stop_first))]
+    sent = 0
+    try:
+        sent += await _transactions(kafka_bootstrap, topic, writer, plan(8, abort_every=3))
+        await wait_for(lambda: first.totals["consumed"] > 0, "the first instance to commit")
+        tasks.append(asyncio.create_task(second.run(stop_second)))
+        await wait_for(lambda: len(second._accs) > 0, "the second instance to get partitions")
+        sent += await _transactions(kafka_bootstrap, topic, writer, plan(8, abort_every=2))
+        await wait_for(lambda: second.totals["consumed"] > 0, "the second instance to commit")
+        stop_first.set()  # leaves the group: its partitions move to the second instance
+        await asyncio.wait_for(tasks[0], 30)
+        # Last: an aborted transaction on two partitions only (they end in an abort marker,
+        # with no record after the last committed one), then a committed one on the others.
+        sent += await _transactions(
+            kafka_bootstrap,
+            topic,
+            writer,
+            [
+                (good_records(60, now, seed=next(seed)), False, [0, 1]),
+                (good_records(60, now, seed=next(seed)), True, [2, 3]),
+            ],
+        )
+        ends = await end_offsets(kafka_bootstrap, topic, 4)
+        await wait_for(lambda: _caught_up(admin, group, topic, ends, tasks), "committed to the end")
+    finally:
+        stop_first.set()
+        stop_second.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r for r in results if r is not None] == []
+    assert first.totals["consumed"] + second.totals["consumed"] == sent
+    assert first.totals["summarised"] + second.totals["summarised"] == sent
+    out = [r.value for r in await read_topic(kafka_bootstrap, summaries)]
+    _assert_no_overlap(out, topic)
+    inputs = await read_topic(kafka_bootstrap, topic)
+    assert len(inputs) == sent
+    by_partition: dict[int, list] = {}
+    for r in inputs:
+        by_partition.setdefault(r.partition, []).append(r)
+    contract = Contract(experiments(), settings.ingest)
+    assert_same_summaries(merge_summaries(out), reference(contract, topic, by_partition))
+
+
+async def test_an_offsets_only_commit_refused_by_a_fence_is_recovered(
+    kafka_bootstrap, admin, make_topic, unique
+):
+    """After a fence, the next thing the partition commits is an offsets-only transaction
+    (only an aborted transaction arrived): its refusal drops the partition like a refused
+    data flush, nothing is counted, and the re-acquired partition commits past the markers."""
+    topic = await make_topic("telemetry")
+    summaries = await make_topic("summaries")
+    deadletter = await make_topic("deadletter")
+    group = f"ingest-{unique}"
+    writer = f"writer-{unique}"
+    now = time.time()
+    first_batch = good_records(200, now, seed=31)
+    await _transactions(kafka_bootstrap, topic, writer, [(first_batch, True, [0])])
+    registry = CollectorRegistry()
+    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    stage = IngestStage(settings, experiments(), Metrics(registry), Health())
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        ends = await end_offsets(kafka_bootstrap, topic, 1)
+        assert ends == {0: 201}  # 200 records and the commit marker
+        await wait_for(lambda: _caught_up(admin, group, topic, ends, [task]), "the first 200")
+        usurper = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap,
+            transactional_id=ingest_transactional_id(group, topic, 0),
+        )
+        await usurper.start()  # init_transactions bumps the epoch: the stage's producer is fenced
+        await usurper.stop()
+        # Nothing visible arrives, only offsets to pass: 100 aborted records and their marker.
+        await _transactions(
+            kafka_bootstrap, topic, writer, [(good_records(100, now, seed=32), False, [0])]
+        )
+        ends = await end_offsets(kafka_bootstrap, topic, 1)
+        assert ends == {0: 302}
+        await wait_for(
+            lambda: _caught_up(admin, group, topic, ends, [task]),
+            "the re-acquired partition to commit past the aborted transaction",
+        )
+        assert stage.totals["fenced"] == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert stage.totals["consumed"] == stage.totals["summarised"] == 200
+    out = [r.value for r in await read_topic(kafka_bootstrap, summaries)]
+    _assert_no_overlap(out, topic)
+    inputs = await read_topic(kafka_bootstrap, topic)
+    assert {r.value for r in inputs} == set(first_batch)
+    contract = Contract(experiments(), settings.ingest)
+    assert_same_summaries(merge_summaries(out), reference(contract, topic, {0: inputs}))
