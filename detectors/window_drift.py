@@ -25,8 +25,10 @@ _WIDE, _HELD, _READY = 0, 1, 2
 
 
 # A histogram of the state is packed once and kept as tuples of numbers, which the cyclic
-# GC stops tracking: kept as lists (thousands of numbers per detector), every full collection
-# walked them, a pause of ~10 ms per 1,000 detectors. to_state() hands out lists of them.
+# GC stops tracking: kept as lists (28 per detector, thousands of numbers), every full
+# collection walked them. In an engine snapshotting 5,000 experiments with a reference drift
+# guardrail on 2 arms: 527,000 tracked objects and 423 ms per full collection with lists,
+# 247,000 and 177 ms with tuples. to_state() hands out lists of them.
 _Packed = tuple[tuple, tuple, tuple]
 
 
