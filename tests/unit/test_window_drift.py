@@ -347,3 +347,24 @@ def test_update_many_with_all_distances(distance):
             for det in dets:
                 assert det.distances == pytest.approx(want, rel=1e-12, abs=1e-15)
             assert WindowDrift.from_state(dets[0].to_state()).to_dict() == dets[0].to_dict()
+
+
+def test_update_many_in_chunks_equals_update():
+    # More ready detectors than one chunk of the vectorised pass (256), one listed twice
+    # across the chunk boundary: the same alarms as update(), scores within rounding.
+    rng = np.random.default_rng(8)
+    summaries = [Summary.from_values(rng.lognormal(0.3 * (i % 3), 1.0, 200)) for i in range(40)]
+    dets = [
+        WindowDrift(reference_intervals=1, window_intervals=1, distance="js") for _ in range(600)
+    ]
+    twins = copy.deepcopy(dets)
+    for step in range(3):
+        order = [*range(600), 5]  # detector 5 again, after the first chunks
+        inputs = [summaries[(7 * i + step) % 40] for i in range(601)]
+        WindowDrift.update_many([dets[i] for i in order], inputs)
+        for i, x in zip(order, inputs, strict=True):
+            twins[i].update(x)
+        for a, b in zip(twins, dets, strict=True):
+            assert (a.alarm, a.in_alarm, a.n_alarms) == (b.alarm, b.in_alarm, b.n_alarms)
+            assert b.score == pytest.approx(a.score, rel=1e-12, abs=1e-15)
+    assert sum(d.n_alarms for d in dets) > 50
