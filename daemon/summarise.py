@@ -126,8 +126,16 @@ def _distinct_pairs(seg: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
         return empty, empty, empty
     kmin = int(keys.min())
     span = int(keys.max()) - kmin + 1
-    if (int(seg.max()) + 1) * span < 2**62:  # one sort of int64 codes (seg, key)
-        code = np.sort(seg * span + (keys - kmin))
+    space = (int(seg.max()) + 1) * span
+    if space <= 4 * keys.shape[0]:  # few possible codes (few groups): count each, no sort
+        tally = np.bincount(seg * span + (keys - kmin), minlength=space)
+        distinct = np.flatnonzero(tally)
+        pair_seg, pair_key = np.divmod(distinct, span)
+        return pair_seg, pair_key + kmin, tally[distinct]
+    if space < 2**62:  # one sort of int64 codes (seg, key)
+        code = seg * span + (keys - kmin)
+        # int32 when the codes fit: numpy's SIMD sort takes ~40% less time than on int64.
+        code = np.sort(code.astype(np.int32)).astype(np.int64) if space < 2**31 else np.sort(code)
         first = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
         pair_seg, pair_key = np.divmod(code[first], span)
         pair_key += kmin

@@ -454,10 +454,14 @@ def test_summarise_groups_rejects_bad_input():
     assert labels.shape == (0,) and states == []
 
 
-@pytest.mark.parametrize("key_span", [1000, 2**40])  # int64 codes, or the two-key sort
-def test_distinct_pairs_counts_each_group_key_pair(key_span):
+@pytest.mark.parametrize(
+    ("groups", "key_span"),
+    # int64 codes, the two-key sort, int32 codes, a dense count of every code
+    [(2**23, 1000), (2**23, 2**40), (2**23, 10), (50, 3)],
+)
+def test_distinct_pairs_counts_each_group_key_pair(groups, key_span):
     rng = np.random.default_rng(42)
-    seg = np.sort(rng.integers(0, 2**23, size=500))
+    seg = np.sort(rng.integers(0, groups, size=500))
     keys = rng.choice(np.array([-key_span, -3, 0, 5, key_span]), size=500)
     pair_seg, pair_key, counts = _distinct_pairs(seg, keys)
     want, want_counts = np.unique(np.c_[seg, keys], axis=0, return_counts=True)
