@@ -603,11 +603,15 @@ class PartitionAccumulator:
                 row_gid = series // n_names
                 # Each series' arm as its position in its record's "arms" (the experiment's
                 # groups with records, ascending), and its name as a position in "names".
-                rank = labels.searchsorted(row_gid)
-                row_arm = rank - first[first.searchsorted(rank, side="right") - 1]
+                # (Lookup tables, not searchsorted: a binary search per row misses the caches.)
+                position = np.zeros(labels[-1] + 1, dtype=np.int64)
+                position[labels] = np.arange(labels.shape[0])
+                rank = position[row_gid]
+                row_exp = np.repeat(np.arange(first.shape[0]), end - first)[rank]
+                row_arm = rank - first[row_exp]
                 row_name = series - row_gid * n_names
                 # Experiment k's series are rows row_bounds[k] .. row_bounds[k + 1] - 1.
-                row_bounds = np.r_[series.searchsorted(labels[first] * n_names), series.shape[0]]
+                row_bounds = np.r_[0, np.cumsum(np.bincount(row_exp, minlength=first.shape[0]))]
             else:
                 gs = None
             # Every record of the flush: {"v": 2, "experiment", **head, "span", "arms",
@@ -631,8 +635,7 @@ class PartitionAccumulator:
             exp_ids = ids.experiments[exp_pos].tolist()
             arm_names = ids.arms[labels].tolist()
             slots: list[Iterable[bytes]] = [
-                repeat(b'{"v":2,"experiment":'),
-                _pieces(exp_ids, np.arange(len(exp_ids) + 1)),
+                ids.openings[exp_pos].tolist(),
                 repeat(b"," + orjson.dumps(head)[1:-1] + b',"span":{"min_ts":'),
                 _pieces(span_lo[exp_pos], np.arange(len(exp_ids) + 1)),
                 repeat(b',"max_ts":'),
@@ -706,6 +709,7 @@ class _Ids(NamedTuple):
     keys: np.ndarray  # object: its summary record key (UTF-8)
     rank: np.ndarray  # int64: its position in key order
     arms: np.ndarray  # object: arm name by group id
+    openings: np.ndarray  # object: b'{"v":2,"experiment":"<id>"', its record's first bytes
 
 
 # Built at a contract's first flush (a contract never changes; a new config is a new one).
@@ -719,7 +723,11 @@ def _ids_of(c: Contract) -> _Ids:
         rank = np.empty(len(keys), dtype=np.int64)
         rank[sorted(range(len(keys)), key=keys.__getitem__)] = np.arange(len(keys))
         ids = _IDS[c] = _Ids(
-            _objects(c._exp_ids), _objects(keys), rank, _objects([arm for _, arm in c._groups])
+            _objects(c._exp_ids),
+            _objects(keys),
+            rank,
+            _objects([arm for _, arm in c._groups]),
+            _objects([b'{"v":2,"experiment":' + orjson.dumps(e) for e in c._exp_ids]),
         )
     return ids
 
