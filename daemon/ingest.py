@@ -49,7 +49,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
-    IllegalStateError,
     InvalidProducerEpoch,
     KafkaError,
     ProducerFenced,
@@ -92,13 +91,13 @@ class _Listener(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: Any) -> None:
         try:
             await self.stage._revoke(set(revoked))
-        except BaseException as exc:
+        except Exception as exc:
             self.stage._listener_error = exc
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         try:
             await self.stage._assign(set(assigned))
-        except BaseException as exc:
+        except Exception as exc:
             self.stage._listener_error = exc
 
 
@@ -128,6 +127,7 @@ class IngestStage:
         self._lock = asyncio.Lock()
         self._generation = 0
         self._listener_error: BaseException | None = None
+        self._closing = False  # set when the loop ends: no partition is acquired after it
         self._failures = 0
         self._fenced: dict[TopicPartition, float] = {}  # partition -> when its producer was fenced
         self._sought: set[TopicPartition] = set()  # sought to the committed offset since _settle
@@ -175,7 +175,7 @@ class IngestStage:
                     stop,
                 )
                 generation = self._generation
-                positions = await self._positions(consumer)
+                positions = self._positions(consumer)
                 self._check_listener()
                 async with self._lock:
                     if batches:
@@ -195,12 +195,19 @@ class IngestStage:
                 for tp in list(self._accs):
                     await self._flush(tp)
         finally:
+            self._closing = True
             self.health.done(self.name)
             self.health.set_ready(self.name, False)
             async with self._lock:
                 for tp in list(self._producers):
                     await self._close_partition(tp)
+            # stop() waits for the group coordinator, which may still run a rebalance's
+            # callbacks; _assign acquires nothing once closing, and whatever a callback left
+            # is closed after it.
             await consumer.stop()
+            async with self._lock:
+                for tp in list(self._producers):
+                    await self._close_partition(tp)
             self._consumer = None
 
     def summary(self) -> str:
@@ -222,6 +229,8 @@ class IngestStage:
         self.health.set_ready(self.name, False)
         async with self._lock:
             self._generation += 1
+            if self._closing:  # stopping: the next owner starts from the committed offsets
+                return
             self._fenced.clear()  # a new assignment re-acquires whatever it holds
             new = sorted(assigned - set(self._producers))
             await self._acquire(new)
@@ -318,14 +327,23 @@ class IngestStage:
             if acc is not None:  # else: not ours (any more); its owner starts from the commit
                 acc.fold(records)
 
-    async def _positions(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
-        """The consumer's position in each partition that has an accumulator."""
+    def _positions(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+        """The consumer's position in each partition that has an accumulator and a valid
+        position, read without waiting: ``consumer.position()`` waits while an offset reset is
+        pending, and one partition whose reset cannot finish would hold up every other one. A
+        partition left out has returned no record since its reset began, so nothing is lost.
+        (aiokafka has no public synchronous read of a position; this reads its subscription
+        state, and reads nothing, leaving commits at the last record, if that changes.)"""
+        subscription = getattr(consumer._subscription, "subscription", None)
+        assignment = getattr(subscription, "assignment", None)
+        state_value = getattr(assignment, "state_value", None)
+        if state_value is None:
+            return {}
         out = {}
-        for tp in list(self._accs):
-            try:
-                out[tp] = await consumer.position(tp)
-            except IllegalStateError:  # no longer assigned
-                continue
+        for tp in self._accs:
+            state = state_value(tp)
+            if state is not None and getattr(state, "has_valid_position", False):
+                out[tp] = state.position
         return out
 
     def _settle(
@@ -355,9 +373,12 @@ class IngestStage:
                 if acc is not None and (acc.next_offset is None or position > acc.next_offset):
                     acc.next_offset = position
         else:
+            # A subscription change (a new topic matching the pattern) empties the assignment
+            # before the revocation callback runs: seeking such a partition would raise.
+            owned = consumer.assignment()
             for tp in self._sought:
                 acc = accs.get(tp)
-                if acc is not None and acc.pending and tp in batches:
+                if acc is not None and acc.pending and tp in batches and tp in owned:
                     assert acc.next_offset is not None
                     consumer.seek(tp, acc.next_offset)
         self._sought.clear()
@@ -427,8 +448,10 @@ class IngestStage:
                 ) from exc
             if flush is not None:
                 acc.next_offset = flush.first_offset
-                if self._consumer is not None:
-                    self._consumer.seek(tp, flush.first_offset)
+                consumer = self._consumer
+                if consumer is not None and tp in consumer.assignment():
+                    consumer.seek(tp, flush.first_offset)
+                # else: being revoked; the next owner starts from the committed offset
             return
         finally:
             # A failed transaction fails every send's future too; the error is handled above.
@@ -533,7 +556,12 @@ class IngestStage:
         t["skipped"] += sum(flush.skipped.values())
 
     def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
+        # Partitions a subscription change unassigned, before their revocation callback ran,
+        # have no offsets to read (aiokafka asserts they are assigned).
+        owned = consumer.assignment()
         for tp, acc in self._accs.items():
+            if tp not in owned:
+                continue
             # read_committed: the last stable offset is the end this consumer can reach.
             high = consumer.last_stable_offset(tp)
             if high is None:

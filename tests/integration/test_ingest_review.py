@@ -13,6 +13,7 @@ import time
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import NewTopic
 from prometheus_client import CollectorRegistry
 
 from armguard.daemon.contract import Contract
@@ -28,6 +29,7 @@ from .ingest_support import (
     experiments,
     good_records,
     merge_summaries,
+    produce,
     read_topic,
     reference,
     wait_for,
@@ -211,3 +213,95 @@ async def test_an_offsets_only_commit_refused_by_a_fence_is_recovered(
     assert {r.value for r in inputs} == set(first_batch)
     contract = Contract(experiments(), settings.ingest)
     assert_same_summaries(merge_summaries(out), reference(contract, topic, {0: inputs}))
+
+
+class _HookedStage(IngestStage):
+    """Runs ``hook`` once at the top of a main-loop flush check (the stage's lock held), so a
+    test can change the consumer's subscription exactly where a metadata update may land."""
+
+    hook = None
+
+    async def _flush_due(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            await hook(self)
+        await super()._flush_due()
+
+
+async def _pattern_stage(kafka_bootstrap, admin, unique):
+    a, b = f"tele-{unique}-a", f"tele-{unique}-b"
+    summaries, deadletter = f"sum-{unique}", f"dl-{unique}"
+    await admin.create_topics([NewTopic(n, 1, 1) for n in [a, summaries, deadletter]])
+    await produce(kafka_bootstrap, a, list(good_records(300, time.time(), seed=1)))
+    settings = Settings(
+        kafka={"bootstrap_servers": kafka_bootstrap, "session_timeout_ms": 6000},
+        topics={
+            "telemetry": [],
+            "telemetry_pattern": f"tele-{unique}-.*",
+            "summaries": summaries,
+            "deadletter": deadletter,
+        },
+        ingest={"group_id": f"ingest-{unique}", "flush_interval_s": 0.3},
+    )
+    stage = _HookedStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
+    return stage, a, b, [a, b, summaries, deadletter]
+
+
+def _new_matching_topic(admin, b: str, then=None):
+    async def hook(stage: IngestStage) -> None:
+        await admin.create_topics([NewTopic(b, 1, 1)])
+        consumer = stage._consumer
+
+        async def changed() -> bool:
+            await consumer._client.force_metadata_update()
+            return b in consumer.subscription()
+
+        await wait_for(changed, "the pattern subscription to gain the new topic")
+        if then is not None:
+            then()
+
+    return hook
+
+
+async def test_a_topic_that_starts_matching_the_pattern_mid_run_is_ingested_too(
+    kafka_bootstrap, admin, unique
+):
+    """The subscription changes (a new telemetry topic) between the revocation it causes and
+    the main loop's lag export: the stage must not touch the old partitions as if assigned."""
+    stage, a, b, topics = await _pattern_stage(kafka_bootstrap, admin, unique)
+    group = f"ingest-{unique}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        await wait_for(lambda: _caught_up(admin, group, a, {0: 300}, [task]), "topic a")
+        stage.hook = _new_matching_topic(admin, b)
+        await wait_for(lambda: stage.hook is None, "the subscription change")
+        await produce(kafka_bootstrap, b, list(good_records(300, time.time(), seed=2)))
+        await wait_for(lambda: _caught_up(admin, group, b, {0: 300}, [task]), "topic b")
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        await admin.delete_topics(topics)
+    task.result()
+    assert stage.totals["consumed"] == stage.totals["summarised"] == 600
+
+
+async def test_a_stop_during_a_rebalance_leaves_no_producer_running(kafka_bootstrap, admin, unique):
+    """SIGTERM while the group rebalances: the rejoin that consumer.stop() waits out must not
+    acquire partitions (start transactional producers) that nobody stops."""
+    stage, a, b, topics = await _pattern_stage(kafka_bootstrap, admin, unique)
+    group = f"ingest-{unique}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        await wait_for(lambda: _caught_up(admin, group, a, {0: 300}, [task]), "topic a")
+        stage.hook = _new_matching_topic(admin, b, then=stop.set)
+        await asyncio.wait_for(task, 30)
+        left = sorted(map(str, stage._producers))
+        for tp in list(stage._producers):
+            await stage._producers.pop(tp).stop()
+        assert left == [], f"producers started during shutdown and never stopped: {left}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        await admin.delete_topics(topics)
