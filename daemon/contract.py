@@ -632,14 +632,14 @@ class PartitionAccumulator:
             }
             exp_pos = exp_of[first]
             ids = _ids_of(c)
-            exp_ids = ids.experiments[exp_pos].tolist()
+            one_each = np.arange(exp_pos.shape[0] + 1)
             arm_names = ids.arms[labels].tolist()
             slots: list[Iterable[bytes]] = [
                 ids.openings[exp_pos].tolist(),
                 repeat(b"," + orjson.dumps(head)[1:-1] + b',"span":{"min_ts":'),
-                _pieces(span_lo[exp_pos], np.arange(len(exp_ids) + 1)),
+                _pieces(span_lo[exp_pos], one_each),
                 repeat(b',"max_ts":'),
-                _pieces(span_hi[exp_pos], np.arange(len(exp_ids) + 1)),
+                _pieces(span_hi[exp_pos], one_each),
                 repeat(b'},"arms":['),
                 _pieces(arm_names, np.r_[first, labels.shape[0]]),
                 repeat(b'],"count":['),
@@ -655,10 +655,10 @@ class PartitionAccumulator:
             if gs is not None and gs.collapsed:
                 # An arm's histogram collapsed (its store is not columnar): version 1.
                 at = row_bounds.searchsorted(gs.collapsed, side="right") - 1
-                for k in np.unique(at).tolist():
+                for k in sorted(set(at.tolist())):
                     a, b = int(first[k]), int(end[k])
                     rec = {
-                        "experiment": exp_ids[k],
+                        "experiment": c._exp_ids[exp_pos[k]],
                         **head,
                         "span": {
                             "min_ts": float(span_lo[exp_pos[k]]),
@@ -705,8 +705,7 @@ class PartitionAccumulator:
 class _Ids(NamedTuple):
     """A contract's names as arrays, for the flush's fancy indexing."""
 
-    experiments: np.ndarray  # object: experiment id by position in the config
-    keys: np.ndarray  # object: its summary record key (UTF-8)
+    keys: np.ndarray  # object: summary record key (UTF-8 id) by position in the config
     rank: np.ndarray  # int64: its position in key order
     arms: np.ndarray  # object: arm name by group id
     openings: np.ndarray  # object: b'{"v":2,"experiment":"<id>"', its record's first bytes
@@ -723,7 +722,6 @@ def _ids_of(c: Contract) -> _Ids:
         rank = np.empty(len(keys), dtype=np.int64)
         rank[sorted(range(len(keys)), key=keys.__getitem__)] = np.arange(len(keys))
         ids = _IDS[c] = _Ids(
-            _objects(c._exp_ids),
             _objects(keys),
             rank,
             _objects([arm for _, arm in c._groups]),
