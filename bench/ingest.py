@@ -194,9 +194,9 @@ async def measure_ingest(
 ) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
 
-    from armguard.daemon.app import freeze_startup_heap
     from armguard.daemon.experiments import ExperimentsFile
     from armguard.daemon.health import Health
+    from armguard.daemon.heap import freeze_startup_heap
     from armguard.daemon.ingest import IngestStage
     from armguard.daemon.metrics import Metrics
     from armguard.daemon.settings import Settings

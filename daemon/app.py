@@ -10,7 +10,6 @@ then logs one summary line with its counters and exits.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import time
@@ -20,27 +19,12 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from .experiments import ExperimentsFile, load_experiments
+from .heap import freeze_startup_heap
 from .settings import Settings
 
-__all__ = ["Daemon", "Stage", "freeze_startup_heap"]
+__all__ = ["Daemon", "Stage"]
 
 log = logging.getLogger("armguard")
-
-
-def freeze_startup_heap() -> None:
-    """Take the objects built at start-up out of the cyclic garbage collector's reach.
-
-    The configuration, the compiled data contract and the imported modules live as long as the
-    process, yet every full collection traverses them again; the hot loop allocates enough
-    (a record object and a decoded dict per event) that full collections run every few
-    thousand events. With 10,000 configured experiments that traversal was ~45% of ingest's
-    consume time (``getmany`` 0.8 -> 0.35 s CPU per 200,000 events, bench/ingest.py). One
-    collection first, so no cyclic garbage of the start-up is kept; ``gc.freeze`` then moves
-    every live object to the permanent generation (objects freed by reference counting still
-    are; only cycles among them would no longer be found, and these never become garbage).
-    """
-    gc.collect()
-    gc.freeze()
 
 
 class Stage(Protocol):

@@ -29,6 +29,7 @@ from .engine import SEVERITY, Engine, Output
 from .errors import ConfigError, ConfigProblem
 from .experiments import ExperimentsFile
 from .health import Health
+from .heap import refreeze_heap
 from .kafka import kafka_options, transactional_producer_options
 from .metrics import GuardrailSample, Metrics
 from .settings import Settings
@@ -88,6 +89,7 @@ class EvaluateStage:
         self._owner: dict[str, int] = {}  # experiment -> partition number
         self._next: dict[TopicPartition, int] = {}  # first input offset not yet committed
         self._lock = asyncio.Lock()
+        self._refreeze = False  # freeze once the restored experiments are decoded
         self._consumer: AIOKafkaConsumer | None = None
         self.restore_seconds: list[float] = []
         metrics.set_experiments([e.id for e in experiments.experiments])
@@ -128,6 +130,11 @@ class EvaluateStage:
                     # state is exported soon without stalling the loop.
                     async with self._lock:
                         self.engine.restore_pending(200)
+                if self._refreeze and not self.engine.pending:
+                    # The restored experiments are decoded and live as long as the partition:
+                    # out of the cyclic GC's scans (daemon/app.py).
+                    self._refreeze = False
+                    refreeze_heap()
                 await self._export_lag(consumer)
         finally:
             self.health.done(self.name)
@@ -179,6 +186,7 @@ class EvaluateStage:
         async with self._lock:
             for p in sorted(partitions - set(self._producers)):
                 await self._open_partition(p)
+            self._refreeze = True
         self.health.set_ready(self.name, True)
 
     async def _open_partition(self, p: int) -> None:

@@ -39,7 +39,7 @@ experiments:
 )
 
 
-async def _stage_with_state(kafka_bootstrap, make_topic):
+async def _stage_with_state(kafka_bootstrap, make_topic, group: str | None = None, **topics):
     experiments = parse_experiments(CONFIG, where="test.yaml")
     source = Engine(experiments)
     for i in range(4):
@@ -57,7 +57,8 @@ async def _stage_with_state(kafka_bootstrap, make_topic):
         await producer.stop()
     settings = Settings(
         kafka={"bootstrap_servers": kafka_bootstrap},
-        topics={"state": state, "partitions": 1},
+        topics={"state": state, "partitions": 1, **topics},
+        evaluate={"group_id": group} if group else {},
     )
     stage = EvaluateStage(settings, experiments, Metrics(CollectorRegistry()), Health())
     return stage, snaps
@@ -86,3 +87,40 @@ async def test_restore_leaves_a_disabled_gc_disabled(kafka_bootstrap, make_topic
     finally:
         gc.enable()
     assert sorted(stage.engine.experiment_ids()) == sorted(snaps)
+
+
+async def test_the_running_stage_freezes_the_heap_once_the_restored_state_is_decoded(
+    kafka_bootstrap, make_topic, unique, monkeypatch
+):
+    """Restored experiments live as long as their partition: once the idle loop has decoded
+    every stashed snapshot the stage freezes the heap again (daemon/heap.py), once."""
+    import asyncio
+
+    from armguard.daemon import evaluate
+
+    calls: list[int] = []
+    monkeypatch.setattr(evaluate, "refreeze_heap", lambda: calls.append(len(stage.engine.pending)))
+    stage, snaps = await _stage_with_state(
+        kafka_bootstrap,
+        make_topic,
+        group=f"evaluate-{unique}",
+        summaries=await make_topic("summaries", partitions=1),
+        commands=await make_topic("commands", partitions=1),
+        killswitch=await make_topic("killswitch", partitions=1, compact=True),
+        decisions=await make_topic("decisions", partitions=1),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.run(stop))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not calls:
+            if task.done():
+                task.result()
+            assert loop.time() < deadline, "the heap was never frozen after the restore"
+            await asyncio.sleep(0.05)  # polling the stage's progress, not synchronisation
+        assert sorted(stage.engine.states) == sorted(snaps)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert calls == [0]  # once, with nothing left stashed

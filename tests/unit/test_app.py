@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 from armguard.daemon.app import Daemon
 from armguard.daemon.experiments import parse_experiments
+from armguard.daemon.heap import refreeze_heap
 from armguard.daemon.settings import Settings
 
 EXPERIMENTS = parse_experiments(
@@ -62,3 +64,24 @@ async def test_start_up_objects_are_frozen_before_the_stages_run():
         gc.unfreeze()
     assert probe.seen["frozen"] > 0
     assert probe.seen["config_scanned"] is False
+
+
+class _Node:
+    pass
+
+
+def test_refreeze_collects_the_cycles_that_died_while_frozen():
+    node = _Node()
+    node.loop = node  # a reference cycle: only the cyclic collector frees it
+    alive = weakref.ref(node)
+    gc.collect()
+    gc.freeze()
+    try:
+        del node
+        gc.collect()
+        assert alive() is not None  # frozen: collections skip it
+        refreeze_heap()
+        assert alive() is None
+        assert gc.get_freeze_count() > 0  # and what lives is frozen again
+    finally:
+        gc.unfreeze()
