@@ -122,14 +122,20 @@ def test_injected_spikes_and_level_shift_found_with_few_false_flags():
 @pytest.mark.slow
 @pytest.mark.parametrize("phi", [0.0, 0.5, 0.8])
 def test_false_alarms_within_budget_on_seasonal_series(phi):
-    rng = np.random.default_rng(4)
+    # Issue 4: at most 2 false alarms per 10,000 evaluations on i.i.d. streams, 10 on
+    # autocorrelated ones. Counted per armed evaluation (none is possible in the 2-day warmup,
+    # which counted before and lowered the rate by 12/14) and pooled over six seeds: one seed's
+    # 8 streams give 0.4-2.5 per 10,000 at phi 0 (pooled ~1.5), so one seed alone decides
+    # nothing about a target of 2.
     alarms = n = 0
-    for _ in range(8):
-        t, x = seasonal_series(rng, 14, phi=phi)
-        det = SeasonalZScore(expected_run_length=10_000)
-        feed(det, x, t)
-        alarms += det.n_alarms
-        n += x.size
+    for seed in range(4, 10):
+        rng = np.random.default_rng(seed)
+        for _ in range(8):
+            t, x = seasonal_series(rng, 14, phi=phi)
+            det = SeasonalZScore(expected_run_length=10_000)
+            feed(det, x, t)
+            alarms += det.n_alarms
+            n += x.size - 2 * DAY  # evaluations after the warmup
     assert alarms / n * 1e4 <= (2 if phi == 0 else 10)
 
 
@@ -152,21 +158,49 @@ def test_heavy_tailed_noise_raises_the_spike_threshold_not_the_alarm_rate():
     assert det.threshold == normal_isf(1 / 40_000)
 
 
+def heavy_tailed_first_days(seed, phi, runs=60):
+    """False alarms of each t(3) stream in its first five armed days, and the evaluations."""
+    rng = np.random.default_rng(seed)
+    per_stream = []
+    for _ in range(runs):
+        t, x = seasonal_series(rng, 7, phi=phi, df=3)
+        per_stream.append(len(feed(SeasonalZScore(expected_run_length=10_000), x, t)))
+    return per_stream, runs * 5 * DAY
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("phi", [0.0, 0.5])
 def test_heavy_tailed_false_alarms_meet_the_target_from_the_first_armed_day(phi):
     # Issue 4: at most 10 false alarms per 10,000 evaluations on heavy-tailed streams. The hard
     # part is the first armed days, while the tail is still being learned (bench/drift.py counts
-    # days 3-7); the heavy-tail evidence, the Pareto predictive threshold and the calibrated
-    # CUSUM keep it near 6 here (the previous rules: 12.3 at phi 0, 16.3 at phi 0.5 on these
-    # streams). Asserted with a margin under the target.
-    rng = np.random.default_rng(11)
+    # days 3-7). Pooled over eight seeds of 60 streams: about 7.8 at phi 0 and 6.7 at phi 0.5
+    # (the previous rules: 12.3 and 16.3 on seed 11). One seed's 60 streams vary a lot, 6.1 to
+    # 12.6 at phi 0 and 5.2 to 9.5 at phi 0.5 (seed 11, which this test used alone against a
+    # bound of 8, is among the lowest), because the alarms come in clusters on a few streams
+    # (see the xfail test below).
     alarms = n = 0
-    for _ in range(60):
-        t, x = seasonal_series(rng, 7, phi=phi, df=3)
-        det = SeasonalZScore(expected_run_length=10_000)
-        alarms += len(feed(det, x, t))
-        n += x.size - 2 * DAY  # evaluations after the warmup
-    assert alarms / n * 1e4 <= 8
+    for seed in range(11, 19):
+        per_stream, evaluations = heavy_tailed_first_days(seed, phi)
+        alarms += sum(per_stream)
+        n += evaluations
+    assert alarms / n * 1e4 <= 10
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="t(3) false alarms cluster on streams whose tail is not "
+    "recognised: spikes flagged under the normal threshold leave the tail estimates",
+)
+def test_no_heavy_tailed_stream_spends_ten_times_the_budget():
+    # At 10 false alarms per 10,000, a stream's 5 armed days (1,440 evaluations) expect 1.4;
+    # 10 or more is a ~1e-6 event for Poisson alarms. Over seeds 11-18 (480 streams) 5 streams
+    # reach 10-17, three of them among seed 17's 60 (used here): the threshold stays normal
+    # while the heavy-tail evidence is weak, every large t(3) value above it is flagged, and a
+    # flagged value is left out of q, the Hill mean and the evidence, so q stays under twice
+    # the normal rate (0.004 where unflagged t(3) noise gives ~0.015) and the tail is never
+    # learned. The fix is a censored-tail estimate, not a seed (see the review notes).
+    per_stream, _ = heavy_tailed_first_days(17, 0.0)
+    assert max(per_stream) < 10
 
 
 def test_a_burst_of_spikes_does_not_pass_for_a_heavy_tail():
@@ -281,6 +315,33 @@ def test_effective_variance_recovers_the_cusum_exponent_of_clipped_heavy_tails(d
     v = 2 * (math.log(mgf(theta0)) + k * theta0) / theta0**2
     assert v > 1.0  # heavier shoulders than normal: a larger threshold
     assert 2 * k / v == pytest.approx(root, rel=0.02)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5])
+def test_a_detected_shift_moves_the_level_by_the_mean_since_the_change_point(phi):
+    # Hinkley (1971): on detection the level moves by the mean residual since the CUSUM last
+    # left 0, an estimate of the shift with the noise of many updates averaged out, instead of
+    # the current residual (one update's noise; 0.76-1.3 mean error here, which starts echo
+    # shifts). A 3-sd shift after a short warmup, 100 streams: ~0.4-0.5 here.
+    errors = []
+    for seed in range(100):
+        rng = np.random.default_rng(3000 + seed)
+        e = rng.standard_normal(600)
+        r = np.empty_like(e)
+        r[0] = e[0]
+        for i in range(1, 600):
+            r[i] = phi * r[i - 1] + e[i]
+        x = 10.0 + r
+        x[400:] += 3.0
+        det = SeasonalZScore(season_bins=0, warmup_s=200 * STEP)
+        for i, xi in enumerate(x.tolist()):
+            before = det._level
+            det.update(xi, i * STEP)
+            if det.alarm and det.kind == "level_shift" and i >= 400:
+                errors.append(det._level - before - 3.0)
+                break
+    assert len(errors) >= 60
+    assert np.mean(np.abs(errors)) < 0.6
 
 
 def test_heavy_tails_raise_the_cusum_threshold_normal_noise_keeps_it():
