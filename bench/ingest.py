@@ -196,7 +196,7 @@ async def measure_ingest(
 
     from armguard.daemon.experiments import ExperimentsFile
     from armguard.daemon.health import Health
-    from armguard.daemon.heap import freeze_startup_heap
+    from armguard.daemon.heap import prepare_heap
     from armguard.daemon.ingest import IngestStage
     from armguard.daemon.metrics import Metrics
     from armguard.daemon.settings import Settings
@@ -226,7 +226,7 @@ async def measure_ingest(
     exps = ExperimentsFile.model_validate(experiments_config(n_experiments))
     health = Health()
     stage = IngestStage(settings, exps, Metrics(CollectorRegistry()), health)
-    freeze_startup_heap()  # as Daemon.run does before it starts the stages
+    prepare_heap()  # as Daemon.run does before it starts the stages
     stop = asyncio.Event()
     marks: dict[str, float] = {}
     acquire = stage._acquire

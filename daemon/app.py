@@ -19,7 +19,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from .experiments import ExperimentsFile, load_experiments
-from .heap import freeze_startup_heap
+from .heap import prepare_heap
 from .settings import Settings
 
 __all__ = ["Daemon", "Stage"]
@@ -133,7 +133,7 @@ class Daemon:
                 await http.stop()
                 raise
         stages = [*self.stages, *integrations, *extra]
-        freeze_startup_heap()
+        prepare_heap()
         tasks = {asyncio.create_task(st.run(self.stop), name=st.name): st for st in stages}
         try:
             stop_wait = asyncio.create_task(self.stop.wait(), name="stop")

@@ -10,7 +10,7 @@ import weakref
 
 from armguard.daemon.app import Daemon
 from armguard.daemon.experiments import parse_experiments
-from armguard.daemon.heap import refreeze_heap
+from armguard.daemon.heap import YOUNG_THRESHOLD, refreeze_heap
 from armguard.daemon.settings import Settings
 
 EXPERIMENTS = parse_experiments(
@@ -38,6 +38,7 @@ class Probe:
     async def run(self, stop: asyncio.Event) -> None:
         tracked = {id(o) for o in gc.get_objects()}  # the generations a collection scans
         self.seen["frozen"] = gc.get_freeze_count()
+        self.seen["threshold"] = gc.get_threshold()
         self.seen["config_scanned"] = id(self.watched) in tracked
         stop.set()
 
@@ -58,12 +59,16 @@ async def test_start_up_objects_are_frozen_before_the_stages_run():
     gc.unfreeze()
     assert id(watched) in {id(o) for o in gc.get_objects()}
     probe = Probe(watched)
+    threshold = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # Python's default
     try:
         await daemon.run(extra=[probe])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
     assert probe.seen["frozen"] > 0
     assert probe.seen["config_scanned"] is False
+    assert probe.seen["threshold"] == (YOUNG_THRESHOLD, 10, 10)
 
 
 class _Node:
