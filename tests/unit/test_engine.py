@@ -529,3 +529,29 @@ def test_arm_data_absorb_equals_merge_in_and_takes_the_summaries():
     assert absorbed.to_state() == merged.to_state()
     assert absorbed.metrics["c"] is new_c  # taken, not copied
     assert merged.metrics["c"] is not new_c
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_apply_summaries_restores_the_gc_when_a_run_fails(monkeypatch, enabled):
+    # The run pauses the cyclic GC (5488ee7); an unknown failure inside a wave must not leave it
+    # off for the rest of the process, and a caller that had paused it keeps it paused.
+    import gc
+
+    from armguard.detectors.window_drift import WindowDrift
+
+    def fail(cls, detectors, inputs, **kw):
+        assert not gc.isenabled()
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(WindowDrift, "update_many", classmethod(fail))
+    config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
+    engine = Engine(config, evaluation_interval_s=1.0, hmac_key=KEY)
+    recs = many_experiment_records(44, n_batches=40)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.apply_summaries([(v, "s", 0, i) for i, v in enumerate(recs)])
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
