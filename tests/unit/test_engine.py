@@ -555,3 +555,33 @@ def test_apply_summaries_restores_the_gc_when_a_run_fails(monkeypatch, enabled):
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_interval_summaries_share_nothing_with_the_cumulative_ones():
+    # b10d8d0: the interval takes the decoded record's Summaries instead of copying them. That is
+    # safe only while nothing else holds them: the cumulative data must hold copies, so merging
+    # the next record into the interval (in place) cannot reach it, nor one arm another's.
+    config = parse_experiments(MANY_DRIFT_CONFIG, where="t.yaml")
+    engine = Engine(config, evaluation_interval_s=1_000.0, hmac_key=KEY)  # no tick: one interval
+    recs = many_experiment_records(45, n_batches=6)
+    engine.apply_summaries([(v, "s", 0, i) for i, v in enumerate(recs)])
+
+    def arrays(s):
+        h = s.histogram
+        return [h._pos.counts, h._neg.counts]
+
+    seen = []
+    for st in engine.states.values():
+        assert st.interval
+        for arm, data in st.interval.items():
+            for kind in ("metrics", "features"):
+                for name, s in getattr(data, kind).items():
+                    cumulative = getattr(st.arms[arm], kind)[name]
+                    assert s is not cumulative
+                    assert s.to_state() == cumulative.to_state()  # one interval so far
+                    seen.append(s)
+                    seen.append(cumulative)
+    assert len({id(s) for s in seen}) == len(seen)
+    buffers = [a for s in seen for a in arrays(s) if a.size]
+    for i, a in enumerate(buffers):
+        assert not any(np.shares_memory(a, b) for b in buffers[i + 1 :])
