@@ -344,6 +344,35 @@ def test_a_detected_shift_moves_the_level_by_the_mean_since_the_change_point(phi
     assert np.mean(np.abs(errors)) < 0.6
 
 
+@pytest.mark.parametrize("df", [3, 5])
+def test_learned_cusum_threshold_is_that_of_the_clipped_noise_mgf(df):
+    # The threshold the detector reaches on i.i.d. Student t noise is the one the exact MGF of
+    # the clipped innovations at theta0 = 2 k gives (5.28 for t(3), 4.93 for t(5) at the
+    # defaults), not merely "raised": learned from |z| unclipped, t(3) reaches the table's top.
+    k, clip = 1.0, 3.0
+    kappa = stats.norm.expect(lambda z: min(z * z, clip * clip))
+    s = optimize.brentq(
+        lambda u: stats.t.expect(lambda v: min((v / u) ** 2, clip * clip), args=(df,)) - kappa,
+        0.5,
+        3.0,
+    )
+    inner = integrate.quad(
+        lambda z: math.exp(2 * k * (z - k)) * s * stats.t.pdf(s * z, df), -clip, clip
+    )[0]
+    tail = stats.t.sf(s * clip, df)
+    exact = SeasonalZScore()
+    exact._mgf = inner + tail * (math.exp(2 * k * (clip - k)) + math.exp(2 * k * (-clip - k)))
+    learned = []
+    for seed in range(12):
+        x = np.random.default_rng(seed).standard_t(df, 6 * DAY)
+        det = SeasonalZScore(season_bins=0)
+        for i, xi in enumerate(x.tolist()):
+            det.update(xi, i * STEP)
+        learned.append(det.cusum_threshold)
+    assert np.median(learned) == pytest.approx(exact.cusum_threshold, rel=0.05)
+    assert np.all(np.abs(np.array(learned) / exact.cusum_threshold - 1) < 0.15)
+
+
 def test_heavy_tails_raise_the_cusum_threshold_normal_noise_keeps_it():
     h0 = cusum_threshold(40_000, 1.0)
     rng = np.random.default_rng(14)
