@@ -177,7 +177,7 @@ class ExperimentConfig(_Model):
     @field_validator("id")
     @classmethod
     def _id_shape(cls, v: str) -> str:
-        if not _ID.match(v):
+        if not _ID.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a valid id: use 1-100 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
@@ -190,7 +190,7 @@ class ExperimentConfig(_Model):
         if len(arms) < 2:
             raise ValueError("at least two arms are needed (a control and a treatment)")
         for name, share in arms.items():
-            if not _ID.match(name):
+            if not _ID.fullmatch(name):
                 raise ValueError(f"arm name {name!r} is not valid: letters, digits, '.', '_', '-'")
             if not (math.isfinite(share) and 0 < share < 1):
                 raise ValueError(f"arm {name!r}: allocation {share} must be between 0 and 1")

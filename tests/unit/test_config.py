@@ -93,6 +93,17 @@ MISTAKES = [
         "x.yaml: the top level must be a mapping with an `experiments:` list",
     ),
     (
+        "id ending in a newline",
+        f'experiments:\n  - {{id: "a\\n", {OK_ARMS}}}',
+        "x.yaml: experiment 'a\\n': id: 'a\\n' is not a valid id: use 1-100 letters, digits, "
+        "'.', '_' or '-', starting with a letter or digit",
+    ),
+    (
+        "arm name ending in a newline",
+        'experiments:\n  - {id: a, control: c, arms: {c: 0.5, "t\\n": 0.5}}',
+        "x.yaml: experiment 'a': arms: arm name 't\\n' is not valid: letters, digits, '.', '_', '-'",
+    ),
+    (
         "reference mode on a mean test",
         f"experiments:\n  - {{id: a, {OK_ARMS}, guardrails: [{{metric: x, test: mean, mode: reference}}]}}",
         "x.yaml: experiment 'a': guardrails[0].mode: only drift guardrails have a mode (control or reference)",
