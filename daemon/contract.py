@@ -433,7 +433,7 @@ class PartitionAccumulator:
 
             exp = obj.get(k_exp)
             arm = obj.get(k_arm)
-            group = groups_get(exp + "\0" + arm) if type(exp) is str and type(arm) is str else None
+            group = groups_get(f"{exp}\0{arm}") if type(exp) is str and type(arm) is str else None
             if group is None:  # why not: the experiment first, then the arm
                 if type(exp) is not str:
                     dead(_field_rejection(rec, c.paths["experiment"], exp, "string"))
