@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 
@@ -158,6 +159,7 @@ def test_heavy_tailed_noise_raises_the_spike_threshold_not_the_alarm_rate():
     assert det.threshold == normal_isf(1 / 40_000)
 
 
+@functools.lru_cache(maxsize=16)
 def heavy_tailed_first_days(seed, phi, runs=60):
     """False alarms of each t(3) stream in its first five armed days, and the evaluations."""
     rng = np.random.default_rng(seed)
@@ -165,7 +167,7 @@ def heavy_tailed_first_days(seed, phi, runs=60):
     for _ in range(runs):
         t, x = seasonal_series(rng, 7, phi=phi, df=3)
         per_stream.append(len(feed(SeasonalZScore(expected_run_length=10_000), x, t)))
-    return per_stream, runs * 5 * DAY
+    return tuple(per_stream), runs * 5 * DAY
 
 
 @pytest.mark.slow
@@ -173,34 +175,76 @@ def heavy_tailed_first_days(seed, phi, runs=60):
 def test_heavy_tailed_false_alarms_meet_the_target_from_the_first_armed_day(phi):
     # Issue 4: at most 10 false alarms per 10,000 evaluations on heavy-tailed streams. The hard
     # part is the first armed days, while the tail is still being learned (bench/drift.py counts
-    # days 3-7). Pooled over eight seeds of 60 streams: about 7.8 at phi 0 and 6.7 at phi 0.5
-    # (the previous rules: 12.3 and 16.3 on seed 11). One seed's 60 streams vary a lot, 6.1 to
-    # 12.6 at phi 0 and 5.2 to 9.5 at phi 0.5 (seed 11, which this test used alone against a
-    # bound of 8, is among the lowest), because the alarms come in clusters on a few streams
-    # (see the xfail test below).
+    # days 3-7). Every seed's 60 streams within the target, and pooled over eight seeds clearly
+    # below it: 4.6-9.1 by seed and 5.95 pooled at phi 0, 4.6-8.6 and 6.41 at phi 0.5. Before
+    # flagged spikes counted as censored tail observations: 6.1-12.6 (seed 17) and 7.8 pooled
+    # at phi 0, 5.2-9.5 and 6.7 at phi 0.5, the alarms clustered on a few streams (see below).
+    rates = []
     alarms = n = 0
     for seed in range(11, 19):
         per_stream, evaluations = heavy_tailed_first_days(seed, phi)
+        rates.append(sum(per_stream) / evaluations * 1e4)
         alarms += sum(per_stream)
         n += evaluations
-    assert alarms / n * 1e4 <= 10
+    assert max(rates) <= 10
+    assert alarms / n * 1e4 <= 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="t(3) false alarms cluster on streams whose tail is not "
-    "recognised: spikes flagged under the normal threshold leave the tail estimates",
-)
-def test_no_heavy_tailed_stream_spends_ten_times_the_budget():
+@pytest.mark.slow
+@pytest.mark.parametrize("phi", [0.0, 0.5])
+def test_no_heavy_tailed_stream_spends_ten_times_the_budget(phi):
     # At 10 false alarms per 10,000, a stream's 5 armed days (1,440 evaluations) expect 1.4;
-    # 10 or more is a ~1e-6 event for Poisson alarms. Over seeds 11-18 (480 streams) 5 streams
-    # reach 10-17, three of them among seed 17's 60 (used here): the threshold stays normal
-    # while the heavy-tail evidence is weak, every large t(3) value above it is flagged, and a
-    # flagged value is left out of q, the Hill mean and the evidence, so q stays under twice
-    # the normal rate (0.004 where unflagged t(3) noise gives ~0.015) and the tail is never
-    # learned. The fix is a censored-tail estimate, not a seed (see the review notes).
-    per_stream, _ = heavy_tailed_first_days(17, 0.0)
-    assert max(per_stream) < 10
+    # 10 or more is a ~1e-6 event for Poisson alarms. Flagged spikes used to be left out of q,
+    # the Hill mean and the evidence: on a t(3) stream whose tail was not recognised by the end
+    # of the warmup, every large value was flagged, q stayed under twice the normal rate (0.004
+    # where unflagged t(3) noise gives ~0.015) and the tail was never learned: 5 of these 480
+    # streams at phi 0 raised 10-17 (three among seed 17's 60). Counted as censored tail
+    # observations, the most any stream raises is 9 at phi 0 and 8 at phi 0.5.
+    worst = max(max(heavy_tailed_first_days(seed, phi)[0]) for seed in range(11, 19))
+    assert worst < 10
+
+
+def test_a_censored_spike_feeds_the_tail_at_a_heavy_tails_pace_not_a_bursts():
+    # Under the normal threshold a flagged spike counts in q and the Hill mean, and in the
+    # heavy-tail evidence only with a token (1.5 at most, 0.007 more per unflagged update):
+    # the first of two back-to-back spikes in the band (clip to 2 clips) adds the band's log
+    # likelihood ratio, the second adds nothing to the evidence but still counts in q.
+    rng = np.random.default_rng(21)
+    det = SeasonalZScore(season_bins=0, warmup_s=DAY * STEP)
+    for i, xi in enumerate(rng.normal(10.0, 1.0, 2 * DAY).tolist()):
+        det.update(xi, i * STEP)
+    assert det.threshold == det._z_normal and det._tokens == 1.5
+    for j, expect_evidence in enumerate((True, False)):
+        det._up = det._down = 0.0  # one spike is no level shift (the CUSUM stays below h / 2)
+        before = {k: getattr(det, "_" + k) for k in ("q", "evidence", "hill", "n_tail", "mgf")}
+        x = det._level + det._phi * det._prev + (-1) ** j * 5.0 * math.sqrt(det._var)
+        det.update(x, (2 * DAY + j) * STEP)
+        assert det.n_spikes == j + 1
+        assert det.score == pytest.approx(5.0)
+        step = max(0.001, 1 / det._n_tail)
+        assert det._n_tail == before["n_tail"] + 1
+        assert det._q == before["q"] + step * (1.0 - before["q"])
+        assert det._mgf == before["mgf"]  # left out of the CUSUM calibration
+        assert det._hill > before["hill"]
+        if expect_evidence:
+            assert det._evidence == before["evidence"] + step * (det._ev_band - before["evidence"])
+        else:
+            assert det._evidence == before["evidence"]
+        assert det._tokens == 0.5
+    # A spike above the Pareto threshold is not censored: it stays out of the tail estimates.
+    det._q, det._evidence, det._tokens = 0.02, 0.01, 1.5
+    det._up = det._down = 0.0
+    assert det.threshold > det._z_normal
+    state = det.to_state()
+    x = det._level + det._phi * det._prev + 1.01 * det.threshold * math.sqrt(det._var)
+    det.update(x, (2 * DAY + 5) * STEP)
+    assert det.n_spikes == 3
+    assert (det._n_tail, det._q, det._evidence, det._tokens) == (
+        state["n_tail"],
+        state["q"],
+        state["evidence"],
+        state["tokens"],
+    )
 
 
 def test_a_burst_of_spikes_does_not_pass_for_a_heavy_tail():
@@ -454,7 +498,7 @@ def test_state_round_trip_is_exact():
     assert a.to_state() == b.to_state()
 
 
-NEW_KEYS = ("evidence", "mgf", "up_sum", "up_len", "down_sum", "down_len")
+NEW_KEYS = ("evidence", "mgf", "up_sum", "up_len", "down_sum", "down_len", "tokens")
 
 
 @pytest.mark.parametrize("df", [None, 3])
@@ -555,6 +599,8 @@ class PlainSeasonalZScore(SeasonalZScore):
         armed = t - self._t0 >= self.warmup_s and sigma > 0.0
         threshold = self.threshold
         spike = armed and abs(z) > threshold
+        censored = spike and threshold == self._z_normal
+        self.n_censored = getattr(self, "n_censored", 0) + censored
         # Warmup: nothing is flagged, but an outlier beyond the threshold does not echo.
         outlier = not armed and sigma > 0.0 and abs(z) > clip and abs(z) > threshold
         shifted = suspicious = False
@@ -584,7 +630,7 @@ class PlainSeasonalZScore(SeasonalZScore):
             self._plain_learn(n, e, pred, zc, sigma, w, b0, b1, nb)
             if not (spike or outlier):
                 self._prev = r
-            if sigma > 0.0 and not spike and t - self._t0 >= 0.5 * self.warmup_s:
+            if sigma > 0.0 and (censored or not spike) and t - self._t0 >= 0.5 * self.warmup_s:
                 az = abs(z)
                 exceed = az > clip
                 self._n_tail += 1
@@ -598,10 +644,15 @@ class PlainSeasonalZScore(SeasonalZScore):
                     ell = self._ev_band
                 else:
                     ell = 0.0
-                self._evidence += step * (ell - self._evidence)
-                self._mgf += step * (
-                    math.exp(2.0 * self._k * zc - 2.0 * self._k * self._k) - self._mgf
-                )
+                if not censored:
+                    self._evidence += step * (ell - self._evidence)
+                    self._mgf += step * (
+                        math.exp(2.0 * self._k * zc - 2.0 * self._k * self._k) - self._mgf
+                    )
+                    self._tokens = min(self._tokens + 0.007, 1.5)
+                elif self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    self._evidence += step * (ell - self._evidence)
                 if exceed:
                     self._n_exceed += 1
                     step = max(0.02, 1.0 / (self._n_exceed + 3.0))
@@ -685,6 +736,8 @@ def test_update_is_the_plain_update_bit_for_bit(kw, phi, df):
         if i == 600:  # and after a state round trip
             fast = SeasonalZScore.from_state(json.loads(json.dumps(fast.to_state())))
     assert plain.n_alarms > 0
+    if df is None:  # spikes under the normal threshold: censored tail observations
+        assert plain.n_censored > 0
     if df is not None:  # the Pareto threshold and the CUSUM calibration were exercised
         assert heavy and calibrated
 
