@@ -27,9 +27,11 @@ _BULK = 1.5
 _BAND = 2.0
 _HEAVY_EVIDENCE = 2.0
 # Spikes flagged by the normal threshold count as censored tail observations (see the class
-# docstring): in the exceedance rate and the Hill mean always, in the evidence only while a
-# token bucket refilled at _CENSOR_RATE per unflagged update (two a day at 5-minute intervals),
-# holding at most _CENSOR_BURST, has one to spend, so a burst cannot pass for a heavy tail.
+# docstring), but only those _CENSOR_GAP updates or more after the previous spike (4 hours at
+# 5-minute intervals) and while a token bucket refilled at _CENSOR_RATE per unflagged update
+# (two a day at 5-minute intervals), holding at most _CENSOR_BURST, has one to spend: anomalies
+# cluster in time, a heavy tail spreads its exceedances, so a burst cannot pass for a tail.
+_CENSOR_GAP = 48
 _CENSOR_RATE = 0.007
 _CENSOR_BURST = 1.5
 _MAX_LOG_EXCESS = 700.0  # log(threshold / clip) at most: exp() stays finite
@@ -244,21 +246,25 @@ class SeasonalZScore(_EdgeAlarm):
     the (winsorised) Hill mean, and in the evidence with its category (band, or nothing beyond
     ``2 clip``), but not in the CUSUM's moment generating function. What tells a heavy tail
     from a burst of anomalies is time: anomalies cluster, a heavy tail spreads its exceedances
-    over days (the idea of a leaky bucket, Turner 1986). So the evidence takes censored spikes
-    only with a token, from a bucket holding at most 1.5 and refilled by 0.007 per unflagged
-    update (two a day at 5-minute intervals; an unrecognised t(3) tail flags 2-3 a day): a
-    day's burst of ten spikes adds at most about three band ratios (6 in log odds; on the
-    normal streams of the tests the log odds stand at -14 to 0.7 after such a burst, short of
-    the 2 needed), a heavy tail's exceedances most of theirs. A spike above a Pareto threshold
-    is no censored observation (its tail is known) and stays out of the estimates.
+    over days. So a flagged spike is censored only if it comes 48 updates or more (4 hours at
+    5-minute intervals) after the previous spike, and only with a token from a bucket holding
+    at most 1.5 and refilled by 0.007 per unflagged update (two a day at 5-minute intervals; a
+    leaky bucket, Turner 1986); an unrecognised t(3) tail flags 2-3 a day, most of them hours
+    apart. Otherwise, and always above a Pareto threshold (whose tail is known), a spike stays
+    out of the estimates. A day's burst of ten spikes then adds at most two or three band
+    ratios and exceedances, the denser the burst the fewer.
 
     On Student t(3) noise this keeps false alarms within the issue's 10 per 10,000 from the
-    first armed day on, for every seed's 60 streams of the tests' kind (4.6-9.1 at phi 0,
-    4.6-8.6 at phi 0.5; 6.0 and 6.4 pooled over 480 streams, against 6.1-12.6 and 7.8, 5.2-9.5
-    and 6.7 before censoring), and no stream raised more than 9 in its first 5 armed days. The
-    price is a heavier threshold there (spikes and level shifts the noise itself often reaches
-    are found less often). Normal noise keeps the normal quantile and,
-    within a few percent, the normal CUSUM threshold; a few warmup spikes leave them there. No
+    first armed day on, for every seed's 60 streams of the tests' kind (seeds 11-18: 4.7-9.3
+    at phi 0, 4.6-8.8 at phi 0.5; 6.0 and 6.5 pooled over 480 streams, against 6.1-12.6 and
+    7.8, 5.2-9.5 and 6.7 before censoring); no stream there raised more than 9 in its first 5
+    armed days (before: 17). On seeds 31-38 one stream still raised 12 (before: 13; pooled
+    6.6 and 7.1 against 8.1 and 7.5). The price: a stream with a dense burst of anomalies on
+    normal noise more often takes it for a heavy tail (ten 8-sd spikes in a day hide a 10-sd
+    one the next day on 4 of 100 streams, 1 before; twenty on 42, 21 before). On heavy-tailed
+    noise the threshold is heavier (spikes and level shifts the noise itself often reaches are
+    found less often). Normal noise keeps the normal quantile and, within a few percent, the
+    normal CUSUM threshold; a few warmup spikes leave them there. No
     alarm is raised before ``warmup_s`` seconds of event time, while the seasonal profile is
     learned. An incident (spike or shift) is one alarm; ``in_alarm`` clears after
     ``clear_after`` consecutive normal updates.
@@ -456,7 +462,8 @@ class SeasonalZScore(_EdgeAlarm):
         self._n_tail = 0
         self._n_exceed = 0
         self._mgf = self._mgf0
-        self._tokens = _CENSOR_BURST  # censored spikes the evidence may still take in
+        self._tokens = _CENSOR_BURST  # censored spikes the tail estimates may still take in
+        self._last_spike = -_CENSOR_GAP  # update count of the last spike
         # Each one-sided CUSUM's run since it last left 0: sum and number of residuals.
         self._up_sum = 0.0
         self._up_len = 0
@@ -525,8 +532,15 @@ class SeasonalZScore(_EdgeAlarm):
                     if pareto > threshold:
                         threshold = pareto
             spike = abs(z) > threshold
-            # A spike flagged by the normal threshold is still a tail observation (censored).
-            censored = spike and threshold == self._z_normal
+            if spike:
+                # A spike flagged by the normal threshold is still a tail observation
+                # (censored), unless it follows another spike closely or the bucket is empty.
+                censored = (
+                    threshold == self._z_normal
+                    and n - self._last_spike >= _CENSOR_GAP
+                    and self._tokens >= 1.0
+                )
+                self._last_spike = n
             k = self._k
             # The level-shift threshold (`cusum_threshold`, written out).
             h = self._h
@@ -659,11 +673,10 @@ class SeasonalZScore(_EdgeAlarm):
                     self._mgf += step * (_exp(self._theta0 * zc - self._v_shift) - self._mgf)
                     tokens = self._tokens + _CENSOR_RATE
                     self._tokens = tokens if tokens < _CENSOR_BURST else _CENSOR_BURST
-                elif self._tokens >= 1.0:
-                    # A spike the normal threshold flagged: tail mass for q and the Hill mean
-                    # always, evidence only at the rate a heavy tail spreads its exceedances
-                    # over time (a token bucket), so a burst of anomalies buys little of it.
-                    # Left out of the CUSUM's MGF, which it would inflate as a burst.
+                else:
+                    # A censored spike: tail mass for q, the Hill mean and the evidence, at
+                    # the pace a heavy tail spreads its exceedances (a token spent). Left out
+                    # of the CUSUM's MGF, which a burst would inflate.
                     self._tokens -= 1.0
                     self._evidence += step * (ell - self._evidence)
                 if exceed:
@@ -817,6 +830,7 @@ class SeasonalZScore(_EdgeAlarm):
             "n_exceed": self._n_exceed,
             "mgf": self._mgf,
             "tokens": self._tokens,
+            "last_spike": self._last_spike,
             "up_sum": self._up_sum,
             "up_len": self._up_len,
             "down_sum": self._down_sum,
@@ -853,6 +867,7 @@ class SeasonalZScore(_EdgeAlarm):
         det._mgf = float(state.get("mgf", det._mgf0))
         # States written before censored spikes: a full bucket.
         det._tokens = float(state.get("tokens", _CENSOR_BURST))
+        det._last_spike = int(state.get("last_spike", -_CENSOR_GAP))
         det._up_sum = float(state.get("up_sum", 0.0))
         det._up_len = int(state.get("up_len", 0))
         det._down_sum = float(state.get("down_sum", 0.0))
