@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from river import drift
@@ -443,23 +445,15 @@ def bench_batched(quick: bool) -> None:
         pairs = [(pool[i % 200], pool[(7 * i + 1) % 200]) for i in range(k)]
         dets = [TwoSampleDrift(expected_run_length=ARL) for _ in range(k)]
         rounds = max(1, updates // k)
-        costs = []
-        for snapshot in (False, True):
-            best = math.inf
-            for _ in range(5):
-                start = cpu_clock()
-                for _ in range(rounds):
-                    if size == "single":
-                        for det, (x, y) in zip(dets, pairs, strict=True):
-                            det.update(x, y)
-                    else:
-                        TwoSampleDrift.update_many(dets, pairs)
-                    if snapshot:
-                        for det in dets:
-                            det.to_state()
-                best = min(best, (cpu_clock() - start) / (rounds * k) * 1e6)
-            costs.append(best)
-        print(f"| {size if size == 'single' else f'{k:,}'} | {costs[0]:.1f} | {costs[1]:.1f} |")
+
+        def one_round(_: int, dets: list = dets, pairs: list = pairs, size: Any = size) -> None:
+            if size == "single":
+                for det, (x, y) in zip(dets, pairs, strict=True):
+                    det.update(x, y)
+            else:
+                TwoSampleDrift.update_many(dets, pairs)
+
+        _print_batch_costs(size, k, dets, rounds, one_round)
     bench_window_batched(quick)
     bench_engine_batched(quick, "control")
     bench_engine_batched(quick, "reference")
@@ -489,23 +483,35 @@ def bench_window_batched(quick: bool) -> None:
             WindowDrift.update_many(dets, [pool[(r + 7 * i) % 200] for i in range(k)])
         rounds = max(1, updates // k)
         inputs = [[pool[(13 * r + 7 * i) % 200] for i in range(k)] for r in range(rounds)]
-        costs = []
-        for snapshot in (False, True):
-            best = math.inf
-            for _ in range(5):
-                start = cpu_clock()
-                for histograms in inputs:
-                    if size == "single":
-                        for det, x in zip(dets, histograms, strict=True):
-                            det.update(x)
-                    else:
-                        WindowDrift.update_many(dets, histograms)
-                    if snapshot:
-                        for det in dets:
-                            det.to_state()
-                best = min(best, (cpu_clock() - start) / (rounds * k) * 1e6)
-            costs.append(best)
-        print(f"| {size if size == 'single' else f'{k:,}'} | {costs[0]:.1f} | {costs[1]:.1f} |")
+
+        def one_round(r: int, dets: list = dets, inputs: list = inputs, size: Any = size) -> None:
+            if size == "single":
+                for det, x in zip(dets, inputs[r], strict=True):
+                    det.update(x)
+            else:
+                WindowDrift.update_many(dets, inputs[r])
+
+        _print_batch_costs(size, k, dets, rounds, one_round)
+
+
+def _print_batch_costs(
+    size: Any, k: int, dets: list, rounds: int, one_round: Callable[[int], None]
+) -> None:
+    """One table row: CPU us per detector update, without and with a ``to_state()`` after
+    each, best of 5 timings of ``rounds`` rounds."""
+    costs = []
+    for snapshot in (False, True):
+        best = math.inf
+        for _ in range(5):
+            start = cpu_clock()
+            for r in range(rounds):
+                one_round(r)
+                if snapshot:
+                    for det in dets:
+                        det.to_state()
+            best = min(best, (cpu_clock() - start) / (rounds * k) * 1e6)
+        costs.append(best)
+    print(f"| {size if size == 'single' else f'{k:,}'} | {costs[0]:.1f} | {costs[1]:.1f} |")
 
 
 def bench_engine_batched(quick: bool, mode: str) -> None:
