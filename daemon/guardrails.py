@@ -56,18 +56,14 @@ class ArmData:
                     target[name] = s
 
     def merge_in(self, other: ArmData) -> None:
-        self.count += other.count
-        for kind in ("metrics", "features"):
-            target: dict[str, Summary] = getattr(self, kind)
-            for name, s in getattr(other, kind).items():
-                if name in target:
-                    target[name].merge_in(s)
-                else:
-                    target[name] = s.copy()
+        self._merge(other, take=False)
 
     def absorb(self, other: ArmData) -> None:
         """:meth:`merge_in` for an ``other`` that is discarded afterwards: its Summaries are
         taken as they are where this has none of that name, instead of copied."""
+        self._merge(other, take=True)
+
+    def _merge(self, other: ArmData, *, take: bool) -> None:
         self.count += other.count
         for kind in ("metrics", "features"):
             target: dict[str, Summary] = getattr(self, kind)
@@ -75,7 +71,7 @@ class ArmData:
                 if name in target:
                     target[name].merge_in(s)
                 else:
-                    target[name] = s
+                    target[name] = s if take else s.copy()
 
     def get(self, source: str, name: str) -> Summary | None:
         return (self.features if source == "feature" else self.metrics).get(name)
