@@ -14,9 +14,13 @@ Exactly once, across crashes, restarts, rebalances and zombies:
 * The ``transactional.id`` is ``<group>-<topic>-<partition>``. On assignment the new owner
   starts that producer first (``init_transactions`` fences any zombie still holding it and
   aborts or completes its open transaction), then reads the partition's committed offset and
-  seeks there. A zombie's later commit fails with ``ProducerFenced``; it drops the partition.
-* aiokafka fetches committed positions before the assignment callback runs, so the explicit
-  seek after ``init_transactions`` is what makes the start offset final.
+  starts there. A zombie's later commit fails with ``ProducerFenced``; it drops the partition.
+* aiokafka fetches committed positions before the assignment callback runs, so the committed
+  offset read after ``init_transactions`` is what makes the start final: the accumulator folds
+  nothing below it, and the consumer seeks to it when its position is behind it (or not known
+  yet). A position at or past it is kept, so what aiokafka fetched ahead is not dropped and
+  fetched again: under a new assignment the position moves only by records ``getmany``
+  returned, which the main loop folds into the new accumulator.
 * A batch fetched while a rebalance ran is folded, never dropped (dropping it would leave the
   consumer's position past records nobody folded): aiokafka returns only records fetched at the
   current position of a current assignment, and an accumulator ignores offsets it already
@@ -237,8 +241,10 @@ class IngestStage:
             log.info("assigned %d partition(s): %s", len(new), _names(new))
         self.health.set_ready(self.name, True)
 
-    async def _acquire(self, tps: list[TopicPartition]) -> None:
-        """Take ownership: start each partition's producer, then start from its committed offset."""
+    async def _acquire(self, tps: list[TopicPartition], *, rewind: bool = False) -> None:
+        """Take ownership: start each partition's producer, then start from its committed offset
+        (``rewind``: seek there whatever the position, for a partition this instance was
+        already consuming under the same assignment)."""
         consumer = self._consumer
         assert consumer is not None
         producers = {
@@ -263,16 +269,28 @@ class IngestStage:
         for tp in tps:
             self._producers[tp] = producers[tp]
             committed = await consumer.committed(tp)
-            if committed is None:
+            # The accumulator folds nothing below the committed offset. The consumer seeks
+            # there only if its position is behind it (read before a zombie's last commit) or
+            # not known yet: a seek drops what aiokafka fetched ahead, so it is not repeated
+            # when the position is already right. A position past the committed offset was
+            # reached by records getmany returned under this assignment, which the main loop
+            # holds (waiting for the lock) and folds into this accumulator: a rebalance gives
+            # the partition a new assignment, whose position starts from the committed offset.
+            # Without a committed offset the position comes from auto_offset_reset=earliest.
+            # A re-acquisition under the same assignment (after a fence) rewinds: the position
+            # is past records the dropped accumulator folded and never committed.
+            position = None if rewind else _position_now(consumer, tp)
+            if rewind and committed is None:
                 await consumer.seek_to_beginning(tp)
-            else:
+                self._sought.add(tp)
+            elif committed is not None and (position is None or position < committed):
                 consumer.seek(tp, committed)
+                self._sought.add(tp)
             acc = PartitionAccumulator(self.contract, tp.topic, tp.partition)
             acc.next_offset = committed
             self._accs[tp] = acc
             self._flushed_at[tp] = time.monotonic()
             self._commit_pos[tp] = committed
-            self._sought.add(tp)
         self._generation += 1  # positions read before these seeks are stale: see _settle
 
     async def _recover_fenced(self, consumer: AIOKafkaConsumer) -> None:
@@ -294,7 +312,7 @@ class IngestStage:
                 due.append(tp)
         if due:
             log.warning("re-acquiring %s, still assigned after a fence", _names(due))
-            await self._acquire(sorted(due))
+            await self._acquire(sorted(due), rewind=True)
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
@@ -334,16 +352,11 @@ class IngestStage:
         partition left out has returned no record since its reset began, so nothing is lost.
         (aiokafka has no public synchronous read of a position; this reads its subscription
         state, and reads nothing, leaving commits at the last record, if that changes.)"""
-        subscription = getattr(consumer._subscription, "subscription", None)
-        assignment = getattr(subscription, "assignment", None)
-        state_value = getattr(assignment, "state_value", None)
-        if state_value is None:
-            return {}
         out = {}
         for tp in self._accs:
-            state = state_value(tp)
-            if state is not None and getattr(state, "has_valid_position", False):
-                out[tp] = state.position
+            position = _position_now(consumer, tp)
+            if position is not None:
+                out[tp] = position
         return out
 
     def _settle(
@@ -571,6 +584,20 @@ class IngestStage:
             self.metrics.consumer_lag.labels(
                 group=self.cfg.group_id, topic=tp.topic, partition=str(tp.partition)
             ).set(max(0, high - acc.next_offset))
+
+
+def _position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position in ``tp`` if it is assigned and valid, without waiting (None
+    also if aiokafka's subscription state no longer looks as expected)."""
+    subscription = getattr(consumer._subscription, "subscription", None)
+    assignment = getattr(subscription, "assignment", None)
+    state_value = getattr(assignment, "state_value", None)
+    if state_value is None:
+        return None
+    state = state_value(tp)
+    if state is None or not getattr(state, "has_valid_position", False):
+        return None
+    return state.position
 
 
 async def _fetch_unless_stopped(
