@@ -1,4 +1,5 @@
-"""Helpers of the ingest integration tests: telemetry, reading topics, waiting on offsets."""
+"""Helpers of the ingest integration tests: settings, telemetry (plain or in transactions),
+reading topics, waiting on offsets."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from armguard.daemon.contract import Contract, PartitionAccumulator
 from armguard.daemon.experiments import ExperimentsFile, parse_experiments
+from armguard.daemon.settings import Settings
 from armguard.daemon.summary_record import arm_states
 from armguard.detectors.summary import Summary
 
@@ -274,3 +276,53 @@ def assert_offsets_tile(
             assert ordered[0][0] == 0 and ordered[-1][1] == ends[p] - 1, (p, ordered)
     if contiguous:
         assert set(ranges) == {p for p, e in ends.items() if e}
+
+
+def ingest_settings(
+    bootstrap: str, topic: str, summaries: str, deadletter: str, group: str, **ingest: Any
+) -> Settings:
+    """Settings of an ingest-only daemon on one telemetry topic, flushing every 0.3 s."""
+    return Settings(
+        kafka={"bootstrap_servers": bootstrap, "session_timeout_ms": 6000},
+        topics={"telemetry": [topic], "summaries": summaries, "deadletter": deadletter},
+        ingest={"group_id": group, "flush_interval_s": 0.3, **ingest},
+        evaluate={"enabled": False},
+    )
+
+
+async def caught_up(
+    admin: Any, group: str, topic: str, ends: dict[int, int], *tasks: asyncio.Task[Any]
+) -> bool:
+    """Whether the group's committed offsets are ``ends``; raises the failure of any of the
+    stage ``tasks`` instead of letting the caller time out."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            task.result()
+    return await committed(admin, group, topic, len(ends)) == ends
+
+
+async def produce_transactions(
+    bootstrap: str,
+    topic: str,
+    writer: str,
+    plan: list[tuple[list[bytes], bool, list[int]]],
+) -> int:
+    """Write each (values, commit, partitions) as one transaction of the transactional id
+    ``writer``, the values round-robin over its partitions, committed or aborted; return how
+    many committed records were written."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=writer)
+    await producer.start()
+    written = 0
+    try:
+        for values, commit, partitions in plan:
+            await producer.begin_transaction()
+            for i, v in enumerate(values):
+                await producer.send(topic, v, partition=partitions[i % len(partitions)])
+            if commit:
+                await producer.commit_transaction()
+                written += len(values)
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
+    return written

@@ -20,27 +20,20 @@ from .ingest_support import (
     assert_offsets_tile,
     assert_same_summaries,
     bad_records,
-    committed,
+    caught_up,
     end_offsets,
     experiments,
     good_records,
+    ingest_settings,
     merge_summaries,
     produce,
+    produce_transactions,
     read_topic,
     reference,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def _settings(bootstrap: str, topic: str, summaries: str, deadletter: str, group: str, **ingest):
-    return Settings(
-        kafka={"bootstrap_servers": bootstrap, "session_timeout_ms": 6000},
-        topics={"telemetry": [topic], "summaries": summaries, "deadletter": deadletter},
-        ingest={"group_id": group, "flush_interval_s": 0.3, **ingest},
-        evaluate={"enabled": False},
-    )
 
 
 async def test_mixed_telemetry_reconciles_and_summaries_equal_one_pass(
@@ -77,13 +70,13 @@ async def test_mixed_telemetry_reconciles_and_summaries_equal_one_pass(
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health()
-    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    settings = ingest_settings(kafka_bootstrap, topic, summaries, deadletter, group)
     stage = IngestStage(settings, experiments(), metrics, health)
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
         await wait_for(
-            lambda: _caught_up(admin, group, topic, ends, task), "offsets committed to the end"
+            lambda: caught_up(admin, group, topic, ends, task), "offsets committed to the end"
         )
         assert health.ready
 
@@ -151,13 +144,6 @@ async def test_mixed_telemetry_reconciles_and_summaries_equal_one_pass(
         await admin.delete_topics([topic, deadletter])
 
 
-async def _caught_up(admin, group: str, topic: str, ends: dict[int, int], task) -> bool:
-    if task.done():
-        task.result()  # surface the stage's failure instead of timing out
-    got = await committed(admin, group, topic, len(ends))
-    return got == ends
-
-
 async def test_flush_size_bound_splits_transactions(kafka_bootstrap, make_topic, admin, unique):
     """max_pending_records bounds each flush, so memory does not grow with the input rate."""
     topic = await make_topic("telemetry")
@@ -168,7 +154,7 @@ async def test_flush_size_bound_splits_transactions(kafka_bootstrap, make_topic,
     await produce(kafka_bootstrap, topic, list(good_records(2000, now, seed=3)))
     ends = await end_offsets(kafka_bootstrap, topic, 1)
     registry = CollectorRegistry()
-    settings = _settings(
+    settings = ingest_settings(
         kafka_bootstrap,
         topic,
         summaries,
@@ -182,7 +168,7 @@ async def test_flush_size_bound_splits_transactions(kafka_bootstrap, make_topic,
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
-        await wait_for(lambda: _caught_up(admin, group, topic, ends, task), "all committed")
+        await wait_for(lambda: caught_up(admin, group, topic, ends, task), "all committed")
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -223,7 +209,7 @@ async def test_topics_matched_by_a_pattern_are_all_ingested(kafka_bootstrap, adm
         try:
             for name in names:
                 await wait_for(
-                    lambda name=name: _caught_up(admin, group, name, {0: 300}, task),
+                    lambda name=name: caught_up(admin, group, name, {0: 300}, task),
                     f"{name} committed",
                 )
         finally:
@@ -252,12 +238,12 @@ async def test_a_fence_while_still_owning_the_partition_is_recovered(
     group = f"ingest-{unique}"
     now = time.time()
     await produce(kafka_bootstrap, topic, list(good_records(500, now, seed=11)))
-    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    settings = ingest_settings(kafka_bootstrap, topic, summaries, deadletter, group)
     stage = IngestStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
-        await wait_for(lambda: _caught_up(admin, group, topic, {0: 500}, task), "first 500")
+        await wait_for(lambda: caught_up(admin, group, topic, {0: 500}, task), "first 500")
         usurper = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap,
             transactional_id=ingest_transactional_id(group, topic, 0),
@@ -266,7 +252,7 @@ async def test_a_fence_while_still_owning_the_partition_is_recovered(
         await usurper.stop()
         await produce(kafka_bootstrap, topic, list(good_records(500, now, seed=12)))
         await wait_for(
-            lambda: _caught_up(admin, group, topic, {0: 1000}, task), "the rest", timeout_s=60
+            lambda: caught_up(admin, group, topic, {0: 1000}, task), "the rest", timeout_s=60
         )
         assert stage.totals["fenced"] == 1
     finally:
@@ -289,7 +275,7 @@ async def test_rebalances_between_live_instances_lose_and_duplicate_nothing(
     deadletter = await make_topic("deadletter")
     group = f"ingest-{unique}"
     now = time.time()
-    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    settings = ingest_settings(kafka_bootstrap, topic, summaries, deadletter, group)
 
     def stage() -> IngestStage:
         return IngestStage(settings, experiments(), Metrics(CollectorRegistry()), Health())
@@ -315,7 +301,7 @@ async def test_rebalances_between_live_instances_lose_and_duplicate_nothing(
         await asyncio.wait_for(tasks[0], 30)
         await send(2000, 23)
         ends = await end_offsets(kafka_bootstrap, topic, 4)
-        await wait_for(lambda: _caught_up(admin, group, topic, ends, tasks[1]), "all committed")
+        await wait_for(lambda: caught_up(admin, group, topic, ends, tasks[1]), "all committed")
     finally:
         stop_first.set()
         stop_second.set()
@@ -337,40 +323,26 @@ async def test_transactional_telemetry_only_committed_records_count(
     """Telemetry written in transactions: ingest (read_committed, on the bare-record fast path)
     summarises the committed records only, never an aborted transaction's, and its committed
     offset moves past the transaction markers so the lag reaches 0."""
-    from aiokafka import AIOKafkaProducer
-
     topic = await make_topic("telemetry")
     summaries = await make_topic("summaries")
     deadletter = await make_topic("deadletter")
     group = f"ingest-{unique}"
     now = time.time()
     batches = [good_records(200, now, seed=s) for s in (11, 12, 13, 14)]
-    producer = AIOKafkaProducer(
-        bootstrap_servers=kafka_bootstrap, transactional_id=f"writer-{unique}"
-    )
-    await producer.start()
-    try:
-        for i, values in enumerate(batches):
-            await producer.begin_transaction()
-            for v in values:
-                await producer.send(topic, v, partition=0)
-            if i == 1:
-                await producer.abort_transaction()  # batch 1 never happened
-            else:
-                await producer.commit_transaction()
-    finally:
-        await producer.stop()
+    # batch 1 is aborted: it never happened
+    plan = [(values, i != 1, [0]) for i, values in enumerate(batches)]
+    assert await produce_transactions(kafka_bootstrap, topic, f"writer-{unique}", plan) == 600
     ends = await end_offsets(kafka_bootstrap, topic, 1)
     assert ends[0] == 4 * 200 + 4  # records and one marker per transaction
 
     registry = CollectorRegistry()
-    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    settings = ingest_settings(kafka_bootstrap, topic, summaries, deadletter, group)
     stage = IngestStage(settings, experiments(), Metrics(registry), Health())
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
         await wait_for(
-            lambda: _caught_up(admin, group, topic, ends, task), "offsets committed to the end"
+            lambda: caught_up(admin, group, topic, ends, task), "offsets committed to the end"
         )
         lag = {"group": group, "topic": topic, "partition": "0"}
         await wait_for(

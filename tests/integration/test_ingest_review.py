@@ -24,60 +24,20 @@ from armguard.daemon.settings import Settings
 
 from .ingest_support import (
     assert_same_summaries,
-    committed,
+    caught_up,
     end_offsets,
     experiments,
     good_records,
+    ingest_settings,
     merge_summaries,
     produce,
+    produce_transactions,
     read_topic,
     reference,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def _settings(bootstrap: str, topic: str, summaries: str, deadletter: str, group: str):
-    return Settings(
-        kafka={"bootstrap_servers": bootstrap, "session_timeout_ms": 6000},
-        topics={"telemetry": [topic], "summaries": summaries, "deadletter": deadletter},
-        ingest={"group_id": group, "flush_interval_s": 0.3},
-        evaluate={"enabled": False},
-    )
-
-
-async def _transactions(
-    bootstrap: str,
-    topic: str,
-    writer: str,
-    plan: list[tuple[list[bytes], bool, list[int]]],
-) -> int:
-    """Write each (values, commit, partitions) as one transaction, the values round-robin over
-    its partitions; return how many committed records were written."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=writer)
-    await producer.start()
-    written = 0
-    try:
-        for values, commit, partitions in plan:
-            await producer.begin_transaction()
-            for i, v in enumerate(values):
-                await producer.send(topic, v, partition=partitions[i % len(partitions)])
-            if commit:
-                await producer.commit_transaction()
-                written += len(values)
-            else:
-                await producer.abort_transaction()
-    finally:
-        await producer.stop()
-    return written
-
-
-async def _caught_up(admin, group: str, topic: str, ends: dict[int, int], tasks) -> bool:
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            task.result()  # surface the stage's failure instead of timing out
-    return await committed(admin, group, topic, len(ends)) == ends
 
 
 def _assert_no_overlap(summary_values: list[bytes], topic: str) -> None:
@@ -106,7 +66,7 @@ async def test_transactional_telemetry_across_rebalances_counts_each_record_once
     group = f"ingest-{unique}"
     writer = f"writer-{unique}"
     now = time.time()
-    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    settings = ingest_settings(kafka_bootstrap, topic, summaries, deadletter, group)
     everywhere = [0, 1, 2, 3]
     seed = iter(range(300, 400))
 
@@ -124,17 +84,17 @@ async def test_transactional_telemetry_across_rebalances_counts_each_record_once
     tasks = [asyncio.create_task(first.run(stop_first))]
     sent = 0
     try:
-        sent += await _transactions(kafka_bootstrap, topic, writer, plan(8, abort_every=3))
+        sent += await produce_transactions(kafka_bootstrap, topic, writer, plan(8, abort_every=3))
         await wait_for(lambda: first.totals["consumed"] > 0, "the first instance to commit")
         tasks.append(asyncio.create_task(second.run(stop_second)))
         await wait_for(lambda: len(second._accs) > 0, "the second instance to get partitions")
-        sent += await _transactions(kafka_bootstrap, topic, writer, plan(8, abort_every=2))
+        sent += await produce_transactions(kafka_bootstrap, topic, writer, plan(8, abort_every=2))
         await wait_for(lambda: second.totals["consumed"] > 0, "the second instance to commit")
         stop_first.set()  # leaves the group: its partitions move to the second instance
         await asyncio.wait_for(tasks[0], 30)
         # Last: an aborted transaction on two partitions only (they end in an abort marker,
         # with no record after the last committed one), then a committed one on the others.
-        sent += await _transactions(
+        sent += await produce_transactions(
             kafka_bootstrap,
             topic,
             writer,
@@ -144,7 +104,7 @@ async def test_transactional_telemetry_across_rebalances_counts_each_record_once
             ],
         )
         ends = await end_offsets(kafka_bootstrap, topic, 4)
-        await wait_for(lambda: _caught_up(admin, group, topic, ends, tasks), "committed to the end")
+        await wait_for(lambda: caught_up(admin, group, topic, ends, *tasks), "committed to the end")
     finally:
         stop_first.set()
         stop_second.set()
@@ -176,16 +136,16 @@ async def test_an_offsets_only_commit_refused_by_a_fence_is_recovered(
     writer = f"writer-{unique}"
     now = time.time()
     first_batch = good_records(200, now, seed=31)
-    await _transactions(kafka_bootstrap, topic, writer, [(first_batch, True, [0])])
+    await produce_transactions(kafka_bootstrap, topic, writer, [(first_batch, True, [0])])
     registry = CollectorRegistry()
-    settings = _settings(kafka_bootstrap, topic, summaries, deadletter, group)
+    settings = ingest_settings(kafka_bootstrap, topic, summaries, deadletter, group)
     stage = IngestStage(settings, experiments(), Metrics(registry), Health())
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
         ends = await end_offsets(kafka_bootstrap, topic, 1)
         assert ends == {0: 201}  # 200 records and the commit marker
-        await wait_for(lambda: _caught_up(admin, group, topic, ends, [task]), "the first 200")
+        await wait_for(lambda: caught_up(admin, group, topic, ends, task), "the first 200")
         usurper = AIOKafkaProducer(
             bootstrap_servers=kafka_bootstrap,
             transactional_id=ingest_transactional_id(group, topic, 0),
@@ -193,13 +153,13 @@ async def test_an_offsets_only_commit_refused_by_a_fence_is_recovered(
         await usurper.start()  # init_transactions bumps the epoch: the stage's producer is fenced
         await usurper.stop()
         # Nothing visible arrives, only offsets to pass: 100 aborted records and their marker.
-        await _transactions(
+        await produce_transactions(
             kafka_bootstrap, topic, writer, [(good_records(100, now, seed=32), False, [0])]
         )
         ends = await end_offsets(kafka_bootstrap, topic, 1)
         assert ends == {0: 302}
         await wait_for(
-            lambda: _caught_up(admin, group, topic, ends, [task]),
+            lambda: caught_up(admin, group, topic, ends, task),
             "the re-acquired partition to commit past the aborted transaction",
         )
         assert stage.totals["fenced"] == 1
@@ -273,11 +233,11 @@ async def test_a_topic_that_starts_matching_the_pattern_mid_run_is_ingested_too(
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
-        await wait_for(lambda: _caught_up(admin, group, a, {0: 300}, [task]), "topic a")
+        await wait_for(lambda: caught_up(admin, group, a, {0: 300}, task), "topic a")
         stage.hook = _new_matching_topic(admin, b)
         await wait_for(lambda: stage.hook is None, "the subscription change")
         await produce(kafka_bootstrap, b, list(good_records(300, time.time(), seed=2)))
-        await wait_for(lambda: _caught_up(admin, group, b, {0: 300}, [task]), "topic b")
+        await wait_for(lambda: caught_up(admin, group, b, {0: 300}, task), "topic b")
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
@@ -294,7 +254,7 @@ async def test_a_stop_during_a_rebalance_leaves_no_producer_running(kafka_bootst
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     try:
-        await wait_for(lambda: _caught_up(admin, group, a, {0: 300}, [task]), "topic a")
+        await wait_for(lambda: caught_up(admin, group, a, {0: 300}, task), "topic a")
         stage.hook = _new_matching_topic(admin, b, then=stop.set)
         await asyncio.wait_for(task, 30)
         left = sorted(map(str, stage._producers))
