@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -435,16 +435,9 @@ def bench_batched(quick: bool) -> None:
         "0.01), CPU time per detector update, inputs built outside the timed loop, best of 5; "
         "single = update() one detector at a time.\n"
     )
-    print("| batch size | update (us) | update + to_state (us) |")
-    print("|---|---|---|")
-    updates = 2_000 if quick else 20_000
-    for size in ("single", 1, 10, 100, 1_000, 10_000):
-        k = 1_000 if size == "single" else int(size)
-        if quick and k > 1_000:
-            continue
+    for size, k, rounds in _batch_sizes(quick):
         pairs = [(pool[i % 200], pool[(7 * i + 1) % 200]) for i in range(k)]
         dets = [TwoSampleDrift(expected_run_length=ARL) for _ in range(k)]
-        rounds = max(1, updates // k)
 
         def one_round(_: int, dets: list = dets, pairs: list = pairs, size: Any = size) -> None:
             if size == "single":
@@ -468,20 +461,13 @@ def bench_window_batched(quick: bool) -> None:
         "0.01, reference 24 intervals, window 6, both complete: every update evaluates), CPU "
         "time per detector update, inputs built outside the timed loop, best of 5.\n"
     )
-    print("| batch size | update (us) | update + to_state (us) |")
-    print("|---|---|---|")
-    updates = 2_000 if quick else 20_000
-    for size in ("single", 1, 10, 100, 1_000, 10_000):
-        k = 1_000 if size == "single" else int(size)
-        if quick and k > 1_000:
-            continue
+    for size, k, rounds in _batch_sizes(quick):
         dets = [
             WindowDrift(expected_run_length=ARL, reference_intervals=24, window_intervals=6)
             for _ in range(k)
         ]
         for r in range(30):
             WindowDrift.update_many(dets, [pool[(r + 7 * i) % 200] for i in range(k)])
-        rounds = max(1, updates // k)
         inputs = [[pool[(13 * r + 7 * i) % 200] for i in range(k)] for r in range(rounds)]
 
         def one_round(r: int, dets: list = dets, inputs: list = inputs, size: Any = size) -> None:
@@ -492,6 +478,19 @@ def bench_window_batched(quick: bool) -> None:
                 WindowDrift.update_many(dets, inputs[r])
 
         _print_batch_costs(size, k, dets, rounds, one_round)
+
+
+def _batch_sizes(quick: bool) -> Iterator[tuple[Any, int, int]]:
+    """Print a batch-size table's header; yield (row label, detectors, rounds) per row: the
+    single-update row times 1,000 detectors one by one; about 20,000 updates a row."""
+    print("| batch size | update (us) | update + to_state (us) |")
+    print("|---|---|---|")
+    updates = 2_000 if quick else 20_000
+    for size in ("single", 1, 10, 100, 1_000, 10_000):
+        k = 1_000 if size == "single" else int(size)
+        if quick and k > 1_000:
+            continue
+        yield size, k, max(1, updates // k)
 
 
 def _print_batch_costs(
