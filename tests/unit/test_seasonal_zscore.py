@@ -345,12 +345,9 @@ def test_cusum_thresholds_scale_with_the_effective_variance():
         assert h / math.sqrt(v) == pytest.approx(cusum_threshold(40_000.0, 1.0 / math.sqrt(v)))
 
 
-@pytest.mark.parametrize("df", [3, 5, 10])
-def test_effective_variance_recovers_the_cusum_exponent_of_clipped_heavy_tails(df):
-    # The claim behind the calibration: for clipped Student t innovations (on the normal clipped
-    # scale) the normal law whose MGF at theta0 = 2 k matches theirs has nearly their root
-    # theta* of E[exp(theta (zc - k))] = 1, which sets the CUSUM's run length (Siegmund 1985).
-    k, clip = 1.0, 3.0
+def _clipped_t_mgf(df: int, k: float, clip: float):
+    """E[exp(theta (zc - k))] of Student t(df) innovations on the normal clipped scale (scaled so
+    the clipped second moment is the normal's) and clipped at +-clip, as a function of theta."""
     kappa = stats.norm.expect(lambda z: min(z * z, clip * clip))
     s = optimize.brentq(
         lambda u: stats.t.expect(lambda v: min((v / u) ** 2, clip * clip), args=(df,)) - kappa,
@@ -365,6 +362,16 @@ def test_effective_variance_recovers_the_cusum_exponent_of_clipped_heavy_tails(d
         tail = stats.t.sf(s * clip, df)
         return inner + tail * (math.exp(theta * (clip - k)) + math.exp(theta * (-clip - k)))
 
+    return mgf
+
+
+@pytest.mark.parametrize("df", [3, 5, 10])
+def test_effective_variance_recovers_the_cusum_exponent_of_clipped_heavy_tails(df):
+    # The claim behind the calibration: for clipped Student t innovations (on the normal clipped
+    # scale) the normal law whose MGF at theta0 = 2 k matches theirs has nearly their root
+    # theta* of E[exp(theta (zc - k))] = 1, which sets the CUSUM's run length (Siegmund 1985).
+    k, clip = 1.0, 3.0
+    mgf = _clipped_t_mgf(df, k, clip)
     root = optimize.brentq(lambda th: mgf(th) - 1.0, 0.5, 2.0 * k - 1e-3)
     theta0 = 2 * k
     v = 2 * (math.log(mgf(theta0)) + k * theta0) / theta0**2
@@ -405,18 +412,8 @@ def test_learned_cusum_threshold_is_that_of_the_clipped_noise_mgf(df):
     # the clipped innovations at theta0 = 2 k gives (5.28 for t(3), 4.93 for t(5) at the
     # defaults), not merely "raised": learned from |z| unclipped, t(3) reaches the table's top.
     k, clip = 1.0, 3.0
-    kappa = stats.norm.expect(lambda z: min(z * z, clip * clip))
-    s = optimize.brentq(
-        lambda u: stats.t.expect(lambda v: min((v / u) ** 2, clip * clip), args=(df,)) - kappa,
-        0.5,
-        3.0,
-    )
-    inner = integrate.quad(
-        lambda z: math.exp(2 * k * (z - k)) * s * stats.t.pdf(s * z, df), -clip, clip
-    )[0]
-    tail = stats.t.sf(s * clip, df)
     exact = SeasonalZScore()
-    exact._mgf = inner + tail * (math.exp(2 * k * (clip - k)) + math.exp(2 * k * (-clip - k)))
+    exact._mgf = _clipped_t_mgf(df, k, clip)(2 * k)
     learned = []
     for seed in range(12):
         x = np.random.default_rng(seed).standard_t(df, 6 * DAY)
