@@ -163,7 +163,9 @@ class Flush:
     """What one flush of one input partition writes, in one transaction.
 
     ``summaries`` are (key, value) pairs for the summaries topic, one per experiment with data,
-    sorted by experiment; ``commit_offset`` is the consumer offset to commit (``last_offset + 1``).
+    sorted by experiment; ``commit_offset`` is the offset just past the last record
+    (``last_offset + 1``). Ingest commits the accumulator's position, which can lie further,
+    past transaction markers (``IngestStage._settle``).
     """
 
     topic: str
@@ -310,7 +312,8 @@ class Contract:
 
 
 def _group_key(experiment: str, arm: str) -> str:
-    return experiment + "\0" + arm
+    """The key of an (experiment, arm) group in ``Contract._by_group`` (the fold inlines it)."""
+    return f"{experiment}\0{arm}"
 
 
 def _kind(v: Any) -> str:
@@ -433,6 +436,7 @@ class PartitionAccumulator:
 
             exp = obj.get(k_exp)
             arm = obj.get(k_arm)
+            # _group_key(exp, arm), inlined: a call per record costs more than the f-string
             group = groups_get(f"{exp}\0{arm}") if type(exp) is str and type(arm) is str else None
             if group is None:  # why not: the experiment first, then the arm
                 if type(exp) is not str:
