@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from .partitioner import murmur2_many
+from .partitioner import murmur2_many, partitions_of
 from .simulate import Batch, Simulation
 
 __all__ = [
@@ -188,7 +188,7 @@ def kafka_partition(key: bytes, partitions: int) -> int:
     >>> kafka_partition(b"u42", 6)
     5
     """
-    return int(murmur2_many([key])[0] & 0x7FFFFFFF) % partitions
+    return int(partitions_of([key], partitions)[0])
 
 
 class _Partitioner:
@@ -219,8 +219,9 @@ class _Partitioner:
             missing = np.flatnonzero(parts < 0)
             if len(missing):
                 new_units, first = np.unique(units[missing], return_index=True)
-                hashes = murmur2_many([keys[j] for j in missing[first].tolist()])
-                self._unit_part[new_units] = (hashes & np.uint32(0x7FFFFFFF)) % n
+                self._unit_part[new_units] = partitions_of(
+                    [keys[j] for j in missing[first].tolist()], n
+                )
                 parts = self._unit_part[units]
             return self.partitions[parts], keys
         if self.key_by == "experiment":
