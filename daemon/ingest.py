@@ -374,10 +374,10 @@ class IngestStage:
         markers, aborted transactions' records): the accumulator moves past them, so the
         committed offset and the lag reach the end of a partition written in transactions.
 
-        If a rebalance ran meanwhile, the partitions it acquired were sought to their committed
-        offset after the batch was fetched; the accumulator folded the part of that batch at or
-        past the committed offset, so the consumer continues after it instead of fetching it
-        again.
+        If a rebalance ran meanwhile, a partition it acquired whose position was behind the
+        committed offset was sought there after the batch was fetched (``_sought``); the
+        accumulator folded the part of that batch at or past the committed offset, so the
+        consumer continues after it instead of fetching it again.
         """
         accs = self._accs
         if generation == self._generation:
