@@ -235,7 +235,6 @@ class GroupSummaries:
         n_groups = self.labels.shape[0]
         self._index: dict[int, int] | None = None
         self._numpy_counts = numpy_counts
-        self._block_cols: tuple[Any, ...] | None = None
         self._state_cols: tuple[Any, ...] | None = None
         self._wide: dict[int, dict[str, Any]] = {}
         self._cols: tuple[list[Any], ...] | None = None
@@ -312,51 +311,6 @@ class GroupSummaries:
         if self._index is None:
             self._index = {g: j for j, g in enumerate(self.labels.tolist())}
         return self._index[label]
-
-    def block(self, a: int, b: int) -> dict[str, Any] | None:
-        """The groups at positions ``a .. b - 1`` as one columnar block of a version-2 summary
-        record (see :mod:`armguard.daemon.summary_record`), or ``None`` if one of them spans
-        more than ``max_bins`` keys (its collapsed store needs a full ``state``).
-
-        Every column is a plain list, one entry per group: ``count``, ``sum``, ``m2``, ``min``,
-        ``max``, ``zero`` (values in the zero bucket); ``pos`` and ``neg`` (only when some
-        group has values of that sign) are ``[nonzero, keys, counts]``: per group the number of
-        non-empty buckets, then their keys and counts concatenated group after group. The mean
-        is not written: it is exactly ``sum / count`` here.
-        """
-        if self._wide and any(a <= j < b for j in self._wide):
-            return None
-        cols = self._block_cols
-        if cols is None:
-            cols = self._block_cols = tuple(
-                None
-                if st is None
-                else (
-                    st.starts.tolist(),
-                    st.nnz.tolist(),
-                    st.pair_keys.tolist(),
-                    st.pair_counts.tolist(),
-                )
-                for st in self._stores
-            )
-        counts, sums, m2s, mins, maxs, zeros = self._lists()
-        out: dict[str, Any] = {
-            "count": counts[a:b],
-            "sum": sums[a:b],
-            "m2": m2s[a:b],
-            "min": mins[a:b],
-            "max": maxs[a:b],
-            "zero": zeros[a:b],
-        }
-        for name, col in zip(("pos", "neg"), cols, strict=True):
-            if col is None:
-                continue
-            starts, nnz, keys, pcounts = col
-            lo = starts[a]
-            hi = starts[b - 1] + nnz[b - 1]
-            if hi > lo:
-                out[name] = [nnz[a:b], keys[lo:hi], pcounts[lo:hi]]
-        return out
 
     def state(self, j: int) -> dict[str, Any]:
         """The ``Summary.to_state()`` dict of the group at position ``j``."""
