@@ -159,9 +159,9 @@ class StoreColumns(NamedTuple):
 
 
 class Columns(NamedTuple):
-    """Every group's summary in columns (numpy arrays, one entry per group): what
-    :meth:`GroupSummaries.block` writes for a range of groups. ``pos``/``neg`` are ``None``
-    when no value has that sign."""
+    """Every group's summary in columns (numpy arrays, one entry per group): what a version-2
+    summary record's rows hold for its groups (:mod:`armguard.daemon.summary_record`).
+    ``pos``/``neg`` are ``None`` when no value has that sign."""
 
     count: np.ndarray
     sum: np.ndarray
@@ -284,8 +284,8 @@ class GroupSummaries:
         return sorted(self._wide)
 
     def columns(self) -> Columns:
-        """Every group's block columns as numpy arrays, in :attr:`labels` order (what
-        :meth:`block` slices, without a Python object per value)."""
+        """Every group's row columns as numpy arrays, in :attr:`labels` order (the flush cuts
+        each experiment's rows out of them, without a Python object per value)."""
         stores = tuple(
             None
             if st is None
