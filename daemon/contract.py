@@ -239,15 +239,13 @@ class Contract:
         self.paths = paths
         self._parts = {role: tuple(p.split(".")) for role, p in paths.items()}
         self.nested = any(len(parts) > 1 for parts in self._parts.values())
-        # experiment id -> (arm name -> group id, metric ranges, feature ranges). Identical range
-        # tables are shared between experiments: fewer distinct objects touched per record.
-        self._exps: dict[str, tuple[dict[str, int], dict[str, Any], dict[str, Any]]] = {}
         # group id -> (experiment, arm); group ids of one experiment are consecutive.
         self._groups: list[tuple[str, str]] = []
         # "experiment\0arm" -> (group id, metric ranges, feature ranges): the hot loop's one
         # lookup per record (ids match _ID, so the separator cannot occur in them). One probe of
         # one table instead of two nested ones: with 10,000 experiments the lookups miss the
-        # CPU caches and the nested form cost ~0.85 us per record, this one ~0.55.
+        # CPU caches and the nested form cost ~0.85 us per record, this one ~0.55. Identical
+        # range tables are shared between experiments: fewer distinct objects touched.
         self._by_group: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {}
         interned: dict[tuple[Any, ...], dict[str, tuple[float, float]]] = {}
         metric_names: set[str] = set()
@@ -260,23 +258,21 @@ class Contract:
             fr = _ranges(e.features, features)
             mr = interned.setdefault(tuple(mr.items()), mr)
             fr = interned.setdefault(tuple(fr.items()), fr)
-            arms = {}
             for arm in e.arms:
-                arms[arm] = len(self._groups)
+                self._by_group[_group_key(e.id, arm)] = (len(self._groups), mr, fr)
                 self._groups.append((e.id, arm))
-            self._exps[e.id] = (arms, mr, fr)
-            for arm, gid in arms.items():
-                self._by_group[_group_key(e.id, arm)] = (gid, mr, fr)
-        # group id -> position of its experiment in _exp_ids (vectorised grouping at a flush)
+        # experiment id -> its position in the config (and in _exp_ids)
         self._exp_ids = [e.id for e in experiments.experiments]
-        index = {e: i for i, e in enumerate(self._exp_ids)}
+        self._exp_index = {e: i for i, e in enumerate(self._exp_ids)}
+        # group id -> position of its experiment (vectorised grouping at a flush)
+        index = self._exp_index
         self._group_exp = np.array([index[e] for e, _ in self._groups], dtype=np.int64)
         self.metric_names = tuple(sorted(metric_names))
         self.feature_names = tuple(sorted(feature_names))
 
     @property
     def experiment_ids(self) -> list[str]:
-        return list(self._exps)
+        return list(self._exp_ids)
 
     def _flatten(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Read the configured (possibly nested) paths into a flat dict keyed by role."""
@@ -393,7 +389,7 @@ class PartitionAccumulator:
         c = self.contract
         loads = orjson.loads
         json_error = orjson.JSONDecodeError
-        exps = c._exps
+        exps = c._exp_index
         groups_get = c._by_group.get
         mcols = self._mappend
         fcols = self._fappend
