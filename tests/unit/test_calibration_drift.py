@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 
@@ -409,3 +410,79 @@ def test_inconsistent_states_are_refused():
         CalibrationDrift.from_state({**state, "front": 4})
     with pytest.raises(ValueError, match="window_intervals=2"):
         CalibrationDrift.from_state({**state, "params": {**state["params"], "window_intervals": 2}})
+
+
+# -- results pinned bit for bit across cost work ----------------------------------------------
+
+
+def pinned_stream(rng, steps, n_bins):
+    """Seeded intervals from rng.random/integers only (streams numpy keeps stable): labelled
+    predictions as numpy arrays or lists, raw float intervals with non-integer counts, empty
+    bins and signed zeros, and every 7th interval a refused one (NaN, outcomes above counts,
+    an overflowing total, a negative sum)."""
+    for t in range(steps):
+        kind = t % 7
+        if kind == 3:
+            c, e, o = [5.0] * n_bins, [1.0] * n_bins, [1.0] * n_bins
+            bad = t % 4
+            if bad == 0:
+                e[t % n_bins] = float("nan")
+            elif bad == 1:
+                o[t % n_bins] = 6.0
+            elif bad == 2:
+                c = [1e308] * n_bins
+            else:
+                e[0] = -0.5
+            yield c, e, o
+        elif kind == 5:
+            c = rng.random(n_bins) * rng.integers(0, 3, n_bins) * 50.0
+            e = c * rng.random(n_bins)
+            o = c * rng.random(n_bins)
+            z = rng.random(n_bins) < 0.3
+            c[z], e[z], o[z] = 0.0, -0.0, 0.0 if t % 2 else -0.0
+            yield (c, e, o) if t % 3 else (c.tolist(), e.tolist(), o.tolist())
+        else:
+            m = int(rng.choice([0, 3, 40, 300, 5000]))
+            u = rng.random(m)
+            p = u * u if t % 17 else np.where(u < 0.4, 0.0, np.where(u < 0.8, 1.0, 0.95))
+            truth = p * (0.8 if (t // 60) % 3 == 2 else 1.0)
+            batch = bin_predictions(p, rng.random(m) < truth, n_bins=n_bins)
+            yield batch if t % 2 else tuple(np.asarray(v) for v in batch)
+
+
+# Digests of the stream below computed with the code of 2f17f42 (before the cost work of
+# issue 4): every statistic, alarm, state and error message since is the same, bit for bit.
+PINNED = [
+    (1, 10, 1, "b7b1ddb13659057e"),
+    (2, 10, 2, "49c483947a8950fc"),
+    (3, 4, 3, "9e5d19d817e0f4f1"),
+    (5, 10, 5, "9d08cb6f85175414"),
+    (12, 10, 12, "82e47014fcfe47af"),
+    (13, 3, 13, "d836400734d3bf26"),
+]
+
+
+@pytest.mark.parametrize(("window_intervals", "n_bins", "seed", "expect"), PINNED)
+def test_results_are_those_of_the_pinned_code_bit_for_bit(window_intervals, n_bins, seed, expect):
+    # to_state(), to_dict() and the error of every update of a seeded stream, hashed; every
+    # 23rd step the detector is replaced by one restored from its JSON state, so states the
+    # pinned code wrote (equal to these, bit for bit) load and go on alike.
+    rng = np.random.default_rng(seed)
+    det = CalibrationDrift(
+        expected_run_length=200, n_bins=n_bins, window_intervals=window_intervals
+    )
+    digest = hashlib.sha256()
+    alarms = errors = 0
+    for step, batch in enumerate(pinned_stream(rng, 300, n_bins)):
+        try:
+            det.update(*batch)
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+            errors += 1
+        alarms += det.alarm
+        digest.update(json.dumps([error, det.to_state(), det.to_dict()], allow_nan=False).encode())
+        if step % 23 == 11:
+            det = CalibrationDrift.from_state(json.loads(json.dumps(det.to_state())))
+    assert digest.hexdigest()[:16] == expect
+    assert alarms > 0 and errors == 43
