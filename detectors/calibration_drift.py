@@ -18,6 +18,7 @@ _erfc = math.erfc
 _log10 = math.log10
 _F64 = np.dtype(np.float64)
 _np_add = np.add
+_less_equal = np.less_equal
 _INF = math.inf
 _NAMES = ("counts", "prediction_sums", "outcome_sums")
 _Row = tuple[list[float], list[float], list[float]]  # counts, prediction sums, outcome sums
@@ -133,8 +134,17 @@ class CalibrationDrift(_EdgeAlarm):
         self._window: list[_Row] = []
         if window_intervals > 1:
             shape = (3, n_bins)
-            self._rows = np.zeros((2 * window_intervals, *shape))
-            self._row_views = list(self._rows)  # rows[i] once, not a new view every update
+            # Each buffer slot is (counts again, counts, prediction sums, outcome sums, 0, 0):
+            # `_rows` is its middle (counts, prediction sums, outcome sums), and one comparison
+            # of its last four rows with its first four checks the interval (see `update`).
+            slots = np.zeros((2 * window_intervals, 6, n_bins))
+            self._rows = slots[:, 1:4]
+            # the views `update` writes and compares, made once (numpy makes a new view, ~0.1
+            # us, on every slots[i]): counts, prediction sums, outcome sums, counts again,
+            # the compared halves and the row
+            self._slots = [(s[1], s[2], s[3], s[0], s[2:], s[:4], s[1:4]) for s in slots]
+            self._checked = np.zeros((4, n_bins), dtype=bool)
+            self._all_checked = np.ones((4, n_bins), dtype=bool).tobytes()
             self._start = self._end = 0
             # The older block (its last `_back` rows): `_suffix[-_back + j]` is the sum of its rows
             # from the j-th to its end; the newer block (the other rows): its running sum `_front`.
@@ -172,20 +182,25 @@ class CalibrationDrift(_EdgeAlarm):
         # instead of ~60 Python ones, the same IEEE additions in the same order.
         if not len(counts) == len(prediction_sums) == len(outcome_sums) == self.n_bins:
             self._reject(counts, prediction_sums, outcome_sums)
-        rows = self._rows
         start = self._start
         end = self._end
-        if end == len(rows):  # the buffer is used up: move the window to its start
+        if end == len(self._slots):  # the buffer is used up: move the window to its start
+            rows = self._rows
             rows[: end - start] = rows[start:end]
             self._end = end = end - start
             self._start = start = 0
-        # The new interval goes to the first free row (not part of the window until committed
+        # The new interval goes to the first free slot (not part of the window until committed
         # below, so refused input leaves the detector as it was), cast to float64 by numpy.
-        row = self._row_views[end]
-        row[0] = counts
-        row[1] = prediction_sums
-        row[2] = outcome_sums
-        n, e, o = row.tolist()
+        n, e, o, n_again, low, high, row = self._slots[end]
+        n[...] = counts
+        e[...] = prediction_sums
+        o[...] = outcome_sums
+        n_again[...] = n
+        # One comparison checks it: (e, o, 0, 0) <= (n, n, e, o) is 0 <= e <= n and 0 <= o <= n
+        # in every bin (a NaN fails every comparison); an inf or an overflow makes the window's
+        # count inf below.
+        if _less_equal(low, high, out=self._checked).tobytes() != self._all_checked:
+            self._reject(counts, prediction_sums, outcome_sums)
         back = self._back
         front = self._front
         if end - start == self.window_intervals:  # the oldest interval leaves
@@ -196,21 +211,22 @@ class CalibrationDrift(_EdgeAlarm):
                 back = end - start
                 # sums from each row to the end: a cumulative sum from the last row back, the
                 # same additions as ``row[j] + (row[j + 1] + ...)``
-                self._suffix[-back:] = np.cumsum(rows[start:end][::-1], axis=0)[::-1]
+                self._suffix[-back:] = np.cumsum(self._rows[start:end][::-1], axis=0)[::-1]
                 front = self._zero
         new_front = _np_add(front, row, out=self._spare)
         older = self._suffix_views[-back] if back else self._zero
         tn, te, to = _np_add(older, new_front, out=self._total).tolist()
-        # One pass: check the new interval (0 <= e <= n and 0 <= o <= n; a NaN fails every
-        # comparison; an inf or an overflow makes the count inf below, and e and o, bounded by
-        # n, are then finite too) and compute the window's statistics. Comparing floats with
-        # floats (0.0, not 0) takes CPython's fast path; the lengths are checked, so zip needs
-        # no strict.
+        count = sum(tn)
+        # Each window total is at least the new interval's (non-negative terms, rounding is
+        # monotone), so only an inf total needs the interval's own count summed: the
+        # interval is refused if that overflows too.
+        if not count < _INF and not sum(n.tolist()) < _INF:
+            self._reject(counts, prediction_sums, outcome_sums)
+        # Comparing floats with floats (0.0, not 0) takes CPython's fast path; the lengths are
+        # checked, so zip needs no strict.
         gap = v_total = hl = 0.0
         k = 0
-        for xn, xe, xo, nb, eb, ob in zip(n, e, o, tn, te, to):  # noqa: B905
-            if not (0.0 <= xe <= xn and 0.0 <= xo <= xn):
-                self._reject(counts, prediction_sums, outcome_sums)
+        for nb, eb, ob in zip(tn, te, to):  # noqa: B905
             if nb > 0.0:
                 d = ob - eb
                 gap += d if d >= 0.0 else -d  # abs(d) without the call (abs(-0.0) adds alike)
@@ -219,15 +235,13 @@ class CalibrationDrift(_EdgeAlarm):
                     v_total += v
                     hl += d * d / v
                     k += 1
-        if not sum(n) < _INF:
-            self._reject(counts, prediction_sums, outcome_sums)
         self._start = start
         self._end = end + 1
         self._back = back
         # The old newer block's array is free again unless it was the read-only zero sum.
         self._spare = self._front if self._front is not self._zero else np.zeros_like(row)
         self._front = new_front
-        self._evaluate(sum(tn), sum(te), sum(to), gap, v_total, hl, k)
+        self._evaluate(count, sum(te), sum(to), gap, v_total, hl, k)
 
     def _update_one(
         self,
@@ -424,6 +438,13 @@ class CalibrationDrift(_EdgeAlarm):
         elif window:
             rows = det._rows[: len(window)]
             rows[:] = window  # checks the shape: n_bins entries in each column
+            # `update` takes the window's rows as it checked them, finite with 0 <= e, o <= n
+            checked = np.isfinite(rows) & (rows >= 0.0)
+            if not (checked.all() and (rows[:, 1:] <= rows[:, :1]).all()):
+                raise ValueError(
+                    "window intervals must be finite and >= 0, with prediction_sums and "
+                    "outcome_sums at most counts"
+                )
             det._end = len(window)
             back = det._back = len(window) - front
             if back:

@@ -410,6 +410,12 @@ def test_inconsistent_states_are_refused():
         CalibrationDrift.from_state({**state, "front": 4})
     with pytest.raises(ValueError, match="window_intervals=2"):
         CalibrationDrift.from_state({**state, "params": {**state["params"], "window_intervals": 2}})
+    # update() relies on the rows it checked on the way in: a state cannot bring others
+    for col, value in [(0, -1.0), (1, -0.5), (2, 1e9), (1, float("nan")), (0, float("inf"))]:
+        window = json.loads(json.dumps(state["window"]))
+        window[1][col][2] = value
+        with pytest.raises(ValueError, match="window intervals must be finite"):
+            CalibrationDrift.from_state({**state, "window": window})
 
 
 # -- results pinned bit for bit across cost work ----------------------------------------------
