@@ -65,7 +65,6 @@ Skipped(reason='unknown_experiment', detail='other')
 
 from __future__ import annotations
 
-import gc
 import weakref
 from array import array
 from collections.abc import Iterable, Sequence
@@ -77,6 +76,7 @@ import numpy as np
 import orjson
 
 from .experiments import ExperimentsFile
+from .heap import gc_paused
 from .settings import IngestSettings
 from .summarise import GroupSummaries
 
@@ -548,13 +548,8 @@ class PartitionAccumulator:
         # Nothing a flush allocates can form a cycle (the version-1 fallback builds ~10
         # containers per group): the cyclic collector would only rescan it. drain is
         # synchronous, so nothing else runs while it is off.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return self._drain()
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     def _drain(self) -> Flush:
         c = self.contract

@@ -20,7 +20,6 @@ Policy
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
 from collections import deque
@@ -35,6 +34,7 @@ from .errors import CommandRejected
 from .events import DECISION_TYPE, KILLSWITCH_TYPE, cloud_event
 from .experiments import ExperimentConfig, ExperimentsFile
 from .guardrails import ArmData, GuardrailRunner, SrmRunner, make_runners
+from .heap import gc_paused
 from .summary_record import arm_states
 
 __all__ = ["Engine", "ExperimentState", "Output"]
@@ -255,14 +255,9 @@ class Engine:
         """Decode up to ``limit`` stashed snapshots; returns how many are left."""
         # The cyclic GC is paused meanwhile: each decoded experiment adds ~90 long-lived
         # objects, and collections triggered by that growth cost more than the decoding.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             for experiment in list(itertools.islice(self.pending, limit)):
                 self.state_for(experiment)
-        finally:
-            if enabled:
-                gc.enable()
         return len(self.pending)
 
     def drop(self, experiments: set[str]) -> None:
@@ -351,9 +346,7 @@ class Engine:
         # inputs, which every collection would otherwise scan and promote towards the oldest
         # generation (whose full collections scan every experiment's state); what the run
         # frees is freed by reference counting.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             for i, (value, topic, partition, offset) in enumerate(records):
                 gen = self._summary_steps(value, topic=topic, partition=partition, offset=offset)
                 try:
@@ -372,9 +365,6 @@ class Engine:
                     run_wave()
             while waiting:
                 run_wave()
-        finally:
-            if enabled:
-                gc.enable()
         return outputs
 
     def _summary_steps(

@@ -15,7 +15,6 @@ topic (read_committed, to its last stable offset) before any input of *p* is pro
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections import defaultdict
@@ -29,7 +28,7 @@ from .engine import SEVERITY, Engine, Output
 from .errors import ConfigError, ConfigProblem
 from .experiments import ExperimentsFile
 from .health import Health
-from .heap import refreeze_heap
+from .heap import gc_paused, refreeze_heap
 from .kafka import kafka_options, transactional_producer_options
 from .metrics import GuardrailSample, Metrics
 from .settings import Settings
@@ -263,25 +262,22 @@ class EvaluateStage:
         # is ready once its state topic is read. The cyclic GC stays paused meanwhile: decoding
         # eagerly added ~90 tracked objects per experiment and GC passes cost as much as the
         # loading (bench/decision_latency.py), and stashing still allocates per record.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
         try:
-            reader.assign([tp])
-            await reader.seek_to_beginning(tp)
-            end = (await reader.end_offsets([tp]))[tp]
-            while await reader.position(tp) < end:
-                batch = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
-                for rec in batch.get(tp, []):
-                    if rec.value is None or rec.key is None:
-                        continue
-                    # Stashed, decoded on first use or in idle time (restore_pending).
-                    exp = rec.key.decode("utf-8", "replace")
-                    if self.engine.stash(exp, rec.value):
-                        self._owner[exp] = p
-                        n += 1
+            with gc_paused():
+                reader.assign([tp])
+                await reader.seek_to_beginning(tp)
+                end = (await reader.end_offsets([tp]))[tp]
+                while await reader.position(tp) < end:
+                    batch = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
+                    for rec in batch.get(tp, []):
+                        if rec.value is None or rec.key is None:
+                            continue
+                        # Stashed, decoded on first use or in idle time (restore_pending).
+                        exp = rec.key.decode("utf-8", "replace")
+                        if self.engine.stash(exp, rec.value):
+                            self._owner[exp] = p
+                            n += 1
         finally:
-            if gc_was_enabled:
-                gc.enable()
             await reader.stop()
         log.info("restored %d snapshots of partition %d from %s", n, p, self.topics.state)
 

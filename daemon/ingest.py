@@ -64,6 +64,7 @@ from .contract import Contract, Flush, PartitionAccumulator, deadletter_headers
 from .errors import KafkaUnavailable
 from .experiments import ExperimentsFile
 from .health import Health
+from .heap import gc_paused
 from .kafka import (
     consumer_group_options,
     kafka_options,
@@ -171,26 +172,10 @@ class IngestStage:
                 # Never fetch more than fits under the flush bound: pending records (and so
                 # memory) stay at most max_pending_records; _flush_due made room.
                 room = self.cfg.max_pending_records - sum(a.pending for a in self._accs.values())
-                batches = await _fetch_unless_stopped(
-                    consumer.getmany(
-                        timeout_ms=self.cfg.poll_timeout_ms,
-                        max_records=max(1, min(self.cfg.max_batch_records, room)),
-                    ),
-                    stop,
-                )
-                generation = self._generation
-                positions = self._positions(consumer)
-                self._check_listener()
-                async with self._lock:
-                    if batches:
-                        started = time.perf_counter()
-                        self._fold(batches)
-                        self.metrics.batch_duration.labels(stage=self.name).observe(
-                            time.perf_counter() - started
-                        )
-                    self._settle(consumer, generation, positions, batches)
-                    await self._flush_due()
-                    await self._recover_fenced(consumer)
+                with gc_paused():
+                    await self._consume(
+                        consumer, stop, max(1, min(self.cfg.max_batch_records, room))
+                    )
                 if not consumer.assignment() and self._generation:
                     self.health.set_ready(self.name, True)  # joined, owning nothing
                 self._export_lag(consumer)
@@ -213,6 +198,33 @@ class IngestStage:
                 for tp in list(self._producers):
                     await self._close_partition(tp)
             self._consumer = None
+
+    async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event, limit: int) -> None:
+        """Fetch a batch, fold it, and flush what is due.
+
+        Runs with the cyclic collector paused (the caller's :func:`gc_paused`): a batch is up to
+        ``max_batch_records`` tracked record objects that die by reference counting right after
+        the fold, and with the collector on they were traversed by young collections while
+        being built and folded (and promoted to be traversed again). The batch is dropped here,
+        before the collector resumes.
+        """
+        batches = await _fetch_unless_stopped(
+            consumer.getmany(timeout_ms=self.cfg.poll_timeout_ms, max_records=limit), stop
+        )
+        generation = self._generation
+        positions = self._positions(consumer)
+        self._check_listener()
+        async with self._lock:
+            if batches:
+                started = time.perf_counter()
+                self._fold(batches)
+                self.metrics.batch_duration.labels(stage=self.name).observe(
+                    time.perf_counter() - started
+                )
+            self._settle(consumer, generation, positions, batches)
+            del batches
+            await self._flush_due()
+            await self._recover_fenced(consumer)
 
     def summary(self) -> str:
         t = self.totals
