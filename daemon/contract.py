@@ -65,11 +65,13 @@ Skipped(reason='unknown_experiment', detail='other')
 
 from __future__ import annotations
 
+import re
 import weakref
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -113,6 +115,21 @@ SKIP_REASONS = ("unknown_experiment",)
 _LO = -1e100
 _HI = 1e100
 _DETAIL_CHARS = 200
+# The fold decodes and checks a batch this many records at a time (the decoded objects of one
+# chunk are alive together: a few MB, and the per-chunk numpy calls cost ~10 ns per record).
+_CHUNK = 4096
+# Below this magnitude an integer converts to a float exactly, so numpy's comparisons of the
+# float agree with Python's of the integer; larger ones take the per-record path.
+_EXACT = 2.0**53
+_NAN = float("nan")
+_EMPTY: dict[str, Any] = {}  # what an undecodable record reads as in the fast path (never mutated)
+_NUMBER = frozenset((float, int))
+_UNIT = frozenset((type(None), str, int))
+_BLOCK = frozenset((type(None), dict))
+_timestamp = attrgetter("timestamp")
+# An experiment id or arm name that str() of a JSON scalar can produce (None, True, 12, 1.5,
+# 1e+20, inf, nan): with one of these configured, the group key quotes its parts (below).
+_CONFUSABLE = re.compile(r"None|True|False|inf|nan|[0-9][0-9.eE+-]*")
 
 
 class Accepted(NamedTuple):
@@ -241,12 +258,9 @@ class Contract:
         self.nested = any(len(parts) > 1 for parts in self._parts.values())
         # group id -> (experiment, arm); group ids of one experiment are consecutive.
         self._groups: list[tuple[str, str]] = []
-        # "experiment\0arm" -> (group id, metric ranges, feature ranges): the hot loop's one
-        # lookup per record (ids match _ID, so the separator cannot occur in them). One probe of
-        # one table instead of two nested ones: with 10,000 experiments the lookups miss the
-        # CPU caches and the nested form cost ~0.85 us per record, this one ~0.55. Identical
-        # range tables are shared between experiments: fewer distinct objects touched.
-        self._by_group: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+        # group id -> (metric ranges, feature ranges); identical range tables are shared.
+        self._ranges: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        exp_ranges: list[tuple[dict[str, Any], dict[str, Any]]] = []
         interned: dict[tuple[Any, ...], dict[str, tuple[float, float]]] = {}
         metric_names: set[str] = set()
         feature_names: set[str] = set()
@@ -258,17 +272,38 @@ class Contract:
             fr = _ranges(e.features, features)
             mr = interned.setdefault(tuple(mr.items()), mr)
             fr = interned.setdefault(tuple(fr.items()), fr)
+            exp_ranges.append((mr, fr))
             for arm in e.arms:
-                self._by_group[_group_key(e.id, arm)] = (len(self._groups), mr, fr)
                 self._groups.append((e.id, arm))
+                self._ranges.append((mr, fr))
+        # The group key of (experiment, arm): "experiment\0arm" (ids match _ID, so the
+        # separator cannot occur in them). The fold formats it for every record, whatever the
+        # types of the two fields, and looks it up once (one probe of one table: with 10,000
+        # experiments the lookups miss the CPU caches, and two nested tables cost ~0.85 us per
+        # record, this one ~0.55). Only strings may match, so if str() of a JSON number, bool
+        # or null could spell a configured id or arm ("5", "None"), both parts are quoted.
+        plain = not any(_CONFUSABLE.fullmatch(name) for pair in self._groups for name in pair)
+        self._quoted = not plain
+        self._key = "{!r}\0{!r}".format if self._quoted else "{}\0{}".format
+        # group key -> group id
+        self._by_group: dict[str, int] = {
+            self._key(e, arm): gid for gid, (e, arm) in enumerate(self._groups)
+        }
         # experiment id -> its position in the config (and in _exp_ids)
         self._exp_ids = [e.id for e in experiments.experiments]
         self._exp_index = {e: i for i, e in enumerate(self._exp_ids)}
         # group id -> position of its experiment (vectorised grouping at a flush)
         index = self._exp_index
         self._group_exp = np.array([index[e] for e, _ in self._groups], dtype=np.int64)
+        self._group_exp_or_none = np.r_[self._group_exp, -1]  # group -1: no experiment, -1
         self.metric_names = tuple(sorted(metric_names))
         self.feature_names = tuple(sorted(feature_names))
+        # name -> (min, max) per experiment position, NaN where the experiment does not
+        # summarise the name; one extra NaN entry at the end stands for "no experiment" (-1).
+        self._limits = tuple(
+            _limits([r[section] for r in exp_ranges], names)
+            for section, names in enumerate((self.metric_names, self.feature_names))
+        )
 
     @property
     def experiment_ids(self) -> list[str]:
@@ -307,9 +342,38 @@ class Contract:
         return Accepted(exp, arm, acc._ts[0], metrics, features)
 
 
-def _group_key(experiment: str, arm: str) -> str:
-    """The key of an (experiment, arm) group in ``Contract._by_group`` (the fold inlines it)."""
-    return f"{experiment}\0{arm}"
+def _numbers(values: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``values`` as floats, and which were not numbers (None if all were).
+
+    A number is a float or an int (not a bool) of magnitude below 2**53 (larger ones would
+    round: the record-by-record check decides them); NaN stands for a missing value (JSON
+    numbers are never NaN). Entries that are not numbers read as NaN.
+    """
+    types = set(map(type, values))
+    if types <= _NUMBER:
+        out = np.array(values, dtype=np.float64)
+        if int not in types:
+            return out, None
+        with np.errstate(invalid="ignore"):
+            big = np.abs(out) >= _EXACT
+        return out, (big if big.any() else None)
+    ok = [type(v) is float or (type(v) is int and -_EXACT < v < _EXACT) for v in values]
+    out = np.array([v if k else _NAN for v, k in zip(values, ok, strict=True)], dtype=np.float64)
+    return out, ~np.array(ok, dtype=bool)
+
+
+def _limits(
+    ranges: list[dict[str, tuple[float, float]]], names: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (min, max) by experiment position, NaN where the experiment does not summarise
+    the name, and one NaN more at the end for "no experiment" (index -1)."""
+    n = len(ranges)
+    out = {name: (np.full(n + 1, np.nan), np.full(n + 1, np.nan)) for name in names}
+    for k, r in enumerate(ranges):
+        for name, (lo, hi) in r.items():
+            out[name][0][k] = lo
+            out[name][1][k] = hi
+    return out
 
 
 def _kind(v: Any) -> str:
@@ -323,9 +387,10 @@ def _clip(text: str) -> str:
 class PartitionAccumulator:
     """Valid records of one input partition since its last flush, held in columns.
 
-    The hot loop appends to a handful of flat lists whatever the number of experiments: per
+    :meth:`fold` appends to a handful of flat columns whatever the number of experiments: per
     accepted record its group (experiment, arm) and event time, per summarised value the value
-    and its group. :meth:`drain` groups them with one sort per metric and summarises every group
+    and its group; it checks a chunk of records column by column and only the records it
+    cannot accept one by one (:meth:`_fold_chunk`). :meth:`drain` groups them with one sort per metric and summarises every group
     in one vectorised pass (:func:`~armguard.daemon.summarise.summarise_groups`). Memory is a few
     machine words per value, bounded by the flush size (``ingest.max_pending_records``).
 
@@ -386,11 +451,168 @@ class PartitionAccumulator:
             records = [r for r in records if r.offset >= nxt]
             if not records:
                 return 0
+        for start in range(0, len(records), _CHUNK):
+            self._fold_chunk(records[start : start + _CHUNK], now)
+        n = len(records)
+        if self.first_offset is None:
+            self.first_offset = records[0].offset
+        self.last_offset = records[-1].offset
+        self.next_offset = self.last_offset + 1
+        self.consumed += n
+        return n
+
+    def _fold_chunk(self, records: Sequence[Any], now: float | None) -> None:
+        """Fold records column by column, and the few that need it one by one.
+
+        Each record is decoded (one ``orjson.loads`` each), then every check of the contract
+        runs on the whole chunk at once: the fields are read with ``map`` and their types
+        checked per column (``set(map(type, ...))``), the group keys looked up with ``map``,
+        times and values compared with numpy. Records that pass every check are appended in
+        bulk. The rest (undecodable, unknown arm, wrong type, late, out of range: whatever is
+        rejected) go through :meth:`_fold_each`, the record-by-record statement of the contract,
+        which finds the reason; it may also accept a record the column checks left to it (a
+        boolean in a metric the experiment does not summarise, an integer beyond 2**53).
+        Records keep their order: the accepted ones before such a record are appended first,
+        so every column receives the values in the order a record-by-record fold gives them,
+        and dead letters are in offset order.
+        """
+        c = self.contract
+        n = len(records)
+        loads = orjson.loads
+        max_bytes = c.max_record_bytes
+        empty = _EMPTY
+        if c.nested:
+            flatten = c._flatten
+            k_exp, k_arm, k_ts, k_unit = "experiment", "arm", "ts", "unit"
+            k_met, k_feat = "metrics", "features"
+        else:
+            flatten = None
+            p = c.paths
+            k_exp, k_arm, k_ts, k_unit = p["experiment"], p["arm"], p["ts"], p["unit"]
+            k_met, k_feat = p["metrics"], p["features"]
+        # Decoded objects (anything undecodable reads as an empty one: no experiment, so no
+        # group) and their group keys, as Contract._key formats them (inlined: a call per
+        # record costs more than the f-string).
+        objs: list[dict[str, Any]] = []
+        keys: list[str] = []
+        add = objs.append
+        add_key = keys.append
+        quoted = c._quoted
+        for r in records:
+            try:
+                o = loads(v) if len(v := r.value) <= max_bytes else empty
+            except (ValueError, TypeError):  # invalid JSON (a ValueError), a null value
+                o = empty
+            if type(o) is not dict:
+                o = empty
+            elif flatten is not None:
+                o = flatten(o)
+            add(o)
+            if quoted:
+                add_key(f"{o.get(k_exp)!r}\0{o.get(k_arm)!r}")
+            else:
+                add_key(f"{o.get(k_exp)}\0{o.get(k_arm)}")
+        get = dict.get
+        # The group of every record, -1 if none.
+        gid = np.fromiter(map(c._by_group.get, keys, repeat(-1)), dtype=np.int64, count=n)
+        known = gid >= 0
+        # Records without a group: telemetry of unconfigured experiments is skipped here, the
+        # rest (no value, invalid JSON, unknown arm...) is for _fold_each.
+        slow = np.zeros(n, dtype=bool)
+        if not known.all():
+            exps = c._exp_index
+            skipped = 0
+            last = None
+            for i in np.flatnonzero(~known).tolist():
+                e = get(objs[i], k_exp)
+                if type(e) is str and e not in exps:
+                    skipped += 1
+                    last = e
+                else:
+                    slow[i] = True
+            if skipped:
+                self._skipped += skipped
+                self._skipped_detail = _clip(last)
+        exp = c._group_exp_or_none[gid]
+
+        # Event time: a number (missing reads as NaN), fresh against the reference time.
+        ts, bad = _numbers(list(map(get, objs, repeat(k_ts), repeat(_NAN))))
+        if now is None:
+            ref = np.fromiter(map(_timestamp, records), dtype=np.float64, count=n) * 0.001
+        else:
+            ref = now
+        with np.errstate(invalid="ignore"):
+            reject = np.isnan(ts) | (ts < ref - c.max_lateness_s) | (ts > ref + c.max_future_skew_s)
+        if bad is not None:
+            reject |= bad
+        if not set(map(type, map(get, objs, repeat(k_unit)))) <= _UNIT:
+            units = map(get, objs, repeat(k_unit))
+            reject |= np.array([type(u) not in _UNIT for u in units], dtype=bool)
+        # Metrics and features: objects (missing or null: none), each summarised value a
+        # number within its experiment's range.
+        columns = []
+        for section, key, cols in ((0, k_met, self._mcols), (1, k_feat, self._fcols)):
+            limits = c._limits[section]
+            if not limits:  # nothing to summarise: only the type of the object is checked
+                if not set(map(type, map(get, objs, repeat(key), repeat(empty)))) <= _BLOCK:
+                    blocks = map(get, objs, repeat(key))
+                    reject |= np.array([type(b) not in _BLOCK for b in blocks], dtype=bool)
+                continue
+            blocks = list(map(get, objs, repeat(key), repeat(empty)))
+            if set(map(type, blocks)) != {dict}:
+                reject |= np.array(
+                    [b is not None and type(b) is not dict for b in blocks], dtype=bool
+                )
+                blocks = [b if type(b) is dict else empty for b in blocks]
+            for name, (lo_e, hi_e) in limits.items():
+                lo = lo_e[exp]
+                summarised = ~np.isnan(lo)
+                if not summarised.any():
+                    continue
+                hi = hi_e[exp]
+                values, bad = _numbers(list(map(get, blocks, repeat(name), repeat(_NAN))))
+                if bad is not None:
+                    reject |= bad & summarised
+                take = summarised & ~np.isnan(values)
+                with np.errstate(invalid="ignore"):
+                    reject |= take & ~((values >= lo) & (values <= hi))
+                columns.append((cols[name], values, take))
+        slow |= reject & known
+        accept = known & ~reject
+
+        def append(a: int, b: int) -> None:
+            ok = accept[a:b]
+            self._gids.frombytes(gid[a:b][ok].tobytes())
+            self._ts.frombytes(ts[a:b][ok].tobytes())
+            for (col_values, col_groups), values, take in columns:
+                t = take[a:b] & ok
+                col_values.frombytes(values[a:b][t].tobytes())
+                col_groups.frombytes(gid[a:b][t].tobytes())
+
+        if not slow.any():
+            append(0, n)
+            return
+        # Runs of records for _fold_each, in order between the bulk appends.
+        edges = np.flatnonzero(np.diff(np.r_[0, slow.view(np.int8), 0]))
+        done = 0
+        for first, end in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+            if first > done:
+                append(done, first)
+            self._fold_each(records[first:end], now)
+            done = end
+        if done < n:
+            append(done, n)
+
+    def _fold_each(self, records: Sequence[Any], now: float | None) -> None:
+        """The data contract, record by record: the reason of every rejected record, and the
+        fold of a record whose checks the columns left undecided (see :meth:`_fold_chunk`)."""
         c = self.contract
         loads = orjson.loads
         json_error = orjson.JSONDecodeError
         exps = c._exp_index
         groups_get = c._by_group.get
+        key = c._key
+        ranges = c._ranges
         mcols = self._mappend
         fcols = self._fappend
         gid_append = self._gids.append
@@ -432,9 +654,8 @@ class PartitionAccumulator:
 
             exp = obj.get(k_exp)
             arm = obj.get(k_arm)
-            # _group_key(exp, arm), inlined: a call per record costs more than the f-string
-            group = groups_get(f"{exp}\0{arm}") if type(exp) is str and type(arm) is str else None
-            if group is None:  # why not: the experiment first, then the arm
+            gid = groups_get(key(exp, arm)) if type(exp) is str and type(arm) is str else None
+            if gid is None:  # why not: the experiment first, then the arm
                 if type(exp) is not str:
                     dead(_field_rejection(rec, c.paths["experiment"], exp, "string"))
                 elif exp not in exps:
@@ -445,7 +666,7 @@ class PartitionAccumulator:
                 else:
                     dead(_field_rejection(rec, c.paths["arm"], arm, "string"))
                 continue
-            gid, mranges, franges = group
+            mranges, franges = ranges[gid]
             ts = obj.get(k_ts)
             tt = type(ts)
             if tt is not float and tt is not int:
@@ -505,16 +726,9 @@ class PartitionAccumulator:
             gid_append(gid)
             ts_append(ts)
 
-        n = len(records)
-        if self.first_offset is None:
-            self.first_offset = records[0].offset
-        self.last_offset = records[-1].offset
-        self.next_offset = self.last_offset + 1
-        self.consumed += n
         if skipped:
             self._skipped += skipped
             self._skipped_detail = _clip(str(skipped_exp))
-        return n
 
     def _rollback(
         self,
