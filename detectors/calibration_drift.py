@@ -19,9 +19,11 @@ _log10 = math.log10
 _F64 = np.dtype(np.float64)
 _np_add = np.add
 _less_equal = np.less_equal
+_accumulate = np.add.accumulate
 _INF = math.inf
 _NAMES = ("counts", "prediction_sums", "outcome_sums")
 _Row = tuple[list[float], list[float], list[float]]  # counts, prediction sums, outcome sums
+_Slot = tuple[np.ndarray, ...]  # views of a buffer slot (see `CalibrationDrift._slot`)
 
 
 def _floats(seq: Sequence[float]) -> list[float]:
@@ -137,19 +139,23 @@ class CalibrationDrift(_EdgeAlarm):
             # Each buffer slot is (counts again, counts, prediction sums, outcome sums, 0, 0):
             # `_rows` is its middle (counts, prediction sums, outcome sums), and one comparison
             # of its last four rows with its first four checks the interval (see `update`).
-            slots = np.zeros((2 * window_intervals, 6, n_bins))
-            self._rows = slots[:, 1:4]
-            # the views `update` writes and compares, made once (numpy makes a new view, ~0.1
-            # us, on every slots[i]): counts, prediction sums, outcome sums, counts again,
-            # the compared halves and the row
-            self._slots = [(s[1], s[2], s[3], s[0], s[2:], s[:4], s[1:4]) for s in slots]
-            self._checked = np.zeros((4, n_bins), dtype=bool)
-            self._all_checked = np.ones((4, n_bins), dtype=bool).tobytes()
+            self._buffer = np.zeros((2 * window_intervals, 6, n_bins))
+            self._rows = self._buffer[:, 1:4]
+            # The views `update` uses of each slot, made on its first use and kept (numpy makes
+            # a new view, ~0.1 us, on every buffer[i]; making all at once would multiply the
+            # cost of a new or restored detector by five).
+            self._slots: list[_Slot | None] = [None] * (2 * window_intervals)
+            # the comparison's result, written where it reads as bytes without a copy
+            self._checked = bytearray(4 * n_bins)
+            self._checked_out = np.frombuffer(self._checked, dtype=bool).reshape(4, n_bins)
+            self._all_checked = b"\x01" * (4 * n_bins)
             self._start = self._end = 0
             # The older block (its last `_back` rows): `_suffix[-_back + j]` is the sum of its rows
             # from the j-th to its end; the newer block (the other rows): its running sum `_front`.
             self._suffix = np.zeros((window_intervals, *shape))
             self._suffix_views = list(self._suffix)
+            # where a block switch writes: the last window_intervals - 1 sums, last first
+            self._suffix_back = self._suffix[1:][::-1]
             self._back = 0
             self._zero = np.zeros(shape)  # read only: an empty block's sum
             self._front = self._zero
@@ -191,7 +197,10 @@ class CalibrationDrift(_EdgeAlarm):
             self._start = start = 0
         # The new interval goes to the first free slot (not part of the window until committed
         # below, so refused input leaves the detector as it was), cast to float64 by numpy.
-        n, e, o, n_again, low, high, row = self._slots[end]
+        slot = self._slots[end]
+        if slot is None:
+            slot = self._slots[end] = self._slot(end)
+        n, e, o, n_again, low, high, row = slot
         n[...] = counts
         e[...] = prediction_sums
         o[...] = outcome_sums
@@ -199,7 +208,8 @@ class CalibrationDrift(_EdgeAlarm):
         # One comparison checks it: (e, o, 0, 0) <= (n, n, e, o) is 0 <= e <= n and 0 <= o <= n
         # in every bin (a NaN fails every comparison); an inf or an overflow makes the window's
         # count inf below.
-        if _less_equal(low, high, out=self._checked).tobytes() != self._all_checked:
+        _less_equal(low, high, self._checked_out)
+        if self._checked != self._all_checked:
             self._reject(counts, prediction_sums, outcome_sums)
         back = self._back
         front = self._front
@@ -208,14 +218,15 @@ class CalibrationDrift(_EdgeAlarm):
             if back:
                 back -= 1
             else:  # the newer block becomes the older one, less the interval leaving
-                back = end - start
+                back = end - start  # window_intervals - 1
                 # sums from each row to the end: a cumulative sum from the last row back, the
-                # same additions as ``row[j] + (row[j + 1] + ...)``
-                self._suffix[-back:] = np.cumsum(self._rows[start:end][::-1], axis=0)[::-1]
+                # same additions as ``row[j] + (row[j + 1] + ...)`` (np.cumsum's, with no copy)
+                _accumulate(self._rows[start:end][::-1], 0, None, self._suffix_back)
                 front = self._zero
-        new_front = _np_add(front, row, out=self._spare)
+        # ufuncs with `out` passed by position (parsing the keyword costs ~30 ns a call)
+        new_front = _np_add(front, row, self._spare)
         older = self._suffix_views[-back] if back else self._zero
-        tn, te, to = _np_add(older, new_front, out=self._total).tolist()
+        tn, te, to = _np_add(older, new_front, self._total).tolist()
         count = sum(tn)
         # Each window total is at least the new interval's (non-negative terms, rounding is
         # monotone), so only an inf total needs the interval's own count summed: the
@@ -224,8 +235,9 @@ class CalibrationDrift(_EdgeAlarm):
             self._reject(counts, prediction_sums, outcome_sums)
         # Comparing floats with floats (0.0, not 0) takes CPython's fast path; the lengths are
         # checked, so zip needs no strict.
+        # k counts the bins with v > 0 down from all of them: the others are few.
         gap = v_total = hl = 0.0
-        k = 0
+        k = self.n_bins
         for nb, eb, ob in zip(tn, te, to):  # noqa: B905
             if nb > 0.0:
                 d = ob - eb
@@ -234,7 +246,10 @@ class CalibrationDrift(_EdgeAlarm):
                 if v > 0.0:
                     v_total += v
                     hl += d * d / v
-                    k += 1
+                else:
+                    k -= 1
+            else:
+                k -= 1
         self._start = start
         self._end = end + 1
         self._back = back
@@ -242,6 +257,12 @@ class CalibrationDrift(_EdgeAlarm):
         self._spare = self._front if self._front is not self._zero else np.zeros_like(row)
         self._front = new_front
         self._evaluate(count, sum(te), sum(to), gap, v_total, hl, k)
+
+    def _slot(self, i: int) -> _Slot:
+        """Views of buffer slot ``i``: counts, prediction sums, outcome sums, counts again,
+        the two compared halves and the row."""
+        s = self._buffer[i]
+        return s[1], s[2], s[3], s[0], s[2:], s[:4], s[1:4]
 
     def _update_one(
         self,
