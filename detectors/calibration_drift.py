@@ -158,7 +158,7 @@ class CalibrationDrift(_EdgeAlarm):
             self._suffix_back = self._suffix[1:][::-1]
             self._back = 0
             self._zero = np.zeros(shape)  # read only: an empty block's sum
-            self._front = self._zero
+            self._front = np.zeros(shape)
             self._spare = np.zeros(shape)  # the next `_front`, written before it is committed
             self._total = np.zeros(shape)  # scratch: the window's sums
         self._ece = 0.0
@@ -253,8 +253,7 @@ class CalibrationDrift(_EdgeAlarm):
         self._start = start
         self._end = end + 1
         self._back = back
-        # The old newer block's array is free again unless it was the read-only zero sum.
-        self._spare = self._front if self._front is not self._zero else np.zeros_like(row)
+        self._spare = self._front  # free again
         self._front = new_front
         self._evaluate(count, sum(te), sum(to), gap, v_total, hl, k)
 
