@@ -221,11 +221,11 @@ class _Keys:
     out as they are, see ``_histogram_batch.batch_window_distances``).
     """
 
-    __slots__ = ("_cq", "ln", "log_gamma", "nhi", "plo", "ref", "win")
+    __slots__ = ("_cq", "ln", "log_gamma", "nhi", "phi", "plo", "ref", "win")
 
     def __init__(self, log_gamma: float) -> None:
         self.log_gamma = log_gamma
-        self.ln = self.nhi = self.plo = 0
+        self.ln = self.nhi = self.plo = self.phi = 0  # phi: one past the highest positive key
         self.ref = np.zeros(2, dtype=np.int64)
         self.win = np.zeros(2, dtype=np.int64)
         # The reference's CDF counts, read-only and shared by the pairs: the reference is
@@ -270,7 +270,7 @@ class _Keys:
             if n_pos:
                 new[at : at + n_pos] = old[ln + 2 :]
             setattr(self, name, new)
-        self.ln, self.nhi, self.plo = new_ln, nhi, plo
+        self.ln, self.nhi, self.plo, self.phi = new_ln, nhi, plo, phi
         self._cq = None
         return size
 
@@ -289,6 +289,23 @@ class _Keys:
         if k:
             start = self.ln + 2 + p_off - self.plo
             out[start : start + k] += p_counts
+
+    def shift(self, arriving: tuple, leaving: tuple) -> None:
+        """Add ``arriving`` to ``win`` and subtract ``leaving``, both without negative values
+        and with keys the layout holds: what add() and remove() do, without their general
+        cases (np.add with out= also spares the copy of the slice onto itself that
+        ``win[a:b] += x`` makes)."""
+        win = self.win
+        at = self.ln + 2 - self.plo  # layout position of positive key 0, plus one
+        _, _, zero, p_off, counts = arriving
+        part = win[at + p_off : at + p_off + counts.shape[0]]
+        np.add(part, counts, out=part)
+        _, _, zero_out, p_off, counts = leaving
+        if counts.shape[0]:
+            part = win[at + p_off : at + p_off + counts.shape[0]]
+            np.subtract(part, counts, out=part)
+        if zero != zero_out:
+            win[self.ln + 1] += zero - zero_out
 
     def remove(self, stores: tuple) -> None:
         """Subtract a window interval's ``stores`` (added before, so covered) from ``win``."""
@@ -519,6 +536,33 @@ class WindowDrift(_HistogramDrift):
             if id(det) in pending:  # listed twice: evaluate its earlier update first
                 _evaluate_keyed(ready, all_distances)
                 ready, pending = [], set()
+            keys = det._keys
+            if keys is not None and type(histogram) is Summary:
+                # The common step, inlined (thousands of detectors: every line costs): a
+                # Summary of the detector's accuracy, positive values (and zeros) whose keys
+                # the layout holds, both windows complete, the interval leaving the window
+                # without negative values. What _keyed_stores and _step_keys do then.
+                h = histogram.histogram
+                n_off, n_counts, zero, p_off, p_counts = h.stores()
+                window = det._window
+                if (
+                    h.relative_accuracy == det._relative_accuracy
+                    and not n_counts.shape[0]
+                    and keys.plo <= p_off < p_off + p_counts.shape[0] <= keys.phi
+                    and len(window) == det.window_intervals
+                    and not window[0][1].shape[0]
+                ):
+                    stores = (int(n_off), _NO_COUNTS, int(zero), int(p_off), p_counts.copy())
+                    keys.shift(stores, window.pop(0))
+                    window.append(stores)
+                    det._packed_window.pop(0)
+                    det._packed_window.append(None)
+                    ready.append(det)
+                    pending.add(id(det))
+                    if len(ready) == _CHUNK:  # evaluate while their arrays are in cache
+                        _evaluate_keyed(ready, all_distances)
+                        ready, pending = [], set()
+                    continue
             stores = det._keyed_stores(histogram)
             if stores is not None:
                 step = det._step_keys(stores)
@@ -589,37 +633,24 @@ class WindowDrift(_HistogramDrift):
         (nothing changed) if the layout would grow too wide."""
         keys = self._keys
         assert keys is not None
-        _, n_counts, zero, p_off, p_counts = stores
-        k = p_counts.shape[0]
-        n_pos = keys.win.shape[0] - keys.ln - 2  # positive keys plo .. plo + n_pos - 1
+        _, n_counts, _, p_off, p_counts = stores
+        window = self._window
         if (
             not n_counts.shape[0]
-            and k
-            and keys.plo <= p_off
-            and p_off + k <= keys.plo + n_pos
-            and len(self._window) == self.window_intervals
-            and not self._window[0][1].shape[0]
+            and keys.plo <= p_off < p_off + p_counts.shape[0] <= keys.phi
+            and len(window) == self.window_intervals
+            and not window[0][1].shape[0]
         ):
-            # The common case, once both windows are complete: positive values whose keys the
-            # layout holds, the interval leaving the window positive too. What add() and
-            # remove() do, without their general cases.
-            win = keys.win
-            at = keys.ln + 2 - keys.plo
-            win[at + p_off : at + p_off + k] += p_counts
-            if zero:
-                win[keys.ln + 1] += zero
-            leaving = self._window.pop(0)
-            self._window.append(stores)
+            # The common case, once both windows are complete: positive values (and zeros)
+            # whose keys the layout holds, the interval leaving the window without negative
+            # values too (update_many makes the same test inline).
+            keys.shift(stores, window.pop(0))
+            window.append(stores)
             self._packed_window.pop(0)
             self._packed_window.append(None)
-            k = leaving[4].shape[0]
-            if k:
-                win[at + leaving[3] : at + leaving[3] + k] -= leaving[4]
-            if leaving[2]:
-                win[keys.ln + 1] -= leaving[2]
             return _READY
         size = keys.cover(stores)
-        held = n_counts.shape[0] + k
+        held = n_counts.shape[0] + p_counts.shape[0]
         if size > 4 * held + 1024 and size > 4 * keys.held() + 1024:
             # Mostly keys neither window holds any more (a feature moving across magnitudes):
             # lay them out afresh; values spread over too many magnitudes go to edges.
@@ -787,18 +818,36 @@ def _evaluate_keyed(detectors: list[WindowDrift], all_distances: bool) -> None:
         detectors = rest
     if not detectors:
         return
-    names = {d.distance for d in detectors}
+    # The batch's inputs in one pass over the detectors (thousands of them: each pass costs).
+    keys, alpha, min_expected, max_bins, names = [], [], [], [], set()
+    for det in detectors:
+        keys.append(det._keys)
+        alpha.append(1.0 / det.expected_run_length)
+        min_expected.append(det.min_expected)
+        max_bins.append(det.max_bins)
+        names.add(det.distance)
     res = batch_window_distances(
-        [d._keys for d in detectors],
-        alpha=[1.0 / d.expected_run_length for d in detectors],
-        min_expected=[d.min_expected for d in detectors],
-        max_bins=[d.max_bins for d in detectors],
+        keys,
+        alpha=alpha,
+        min_expected=min_expected,
+        max_bins=max_bins,
         distances=set(DISTANCES) if all_distances else names,
         thresholds=names,
     )
     ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
     corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
     thresholds = {name: res[name][2].tolist() for name in names}
+    if len(names) == 1 and not all_distances:
+        # One distance (the usual batch): no look-up by name per detector.
+        (name,) = names
+        for det, good, score, threshold in zip(
+            detectors, ok, corrected[name], thresholds[name], strict=True
+        ):
+            if good:
+                det._decide(score, threshold)
+            else:
+                det._hold()
+        return
     for j, det in enumerate(detectors):
         if not ok[j]:
             det._hold()
