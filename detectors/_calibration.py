@@ -115,13 +115,46 @@ def chi2_sf(x: float, df: float) -> float:
     return _gamma_q(0.5 * df, 0.5 * x)
 
 
+# The divisors of the Poisson-sum terms as floats, for k up to _K_TABLE: ``h / 3.0`` is the
+# IEEE division ``h / 3`` does, without converting an int on every term.
+_K_TABLE = 200
+_EVEN_DIVISORS = tuple(float(i) for i in range(1, _K_TABLE // 2))  # 1, 2, ..., 99
+_ODD_DIVISORS = tuple(j + 0.5 for j in range(1, _K_TABLE // 2))  # 1.5, 2.5, ..., 99.5
+
+
 def chi2_sf_int(x: float, k: int) -> float:
-    """``chi2_sf(x, k)`` for an int ``k`` in [1, 200], without the checks (a hot path).
+    """``chi2_sf(x, k)`` for an int ``k`` >= 1, without the checks (a hot path).
 
     The finite Poisson-sum form of Q(k / 2, x / 2), a few multiplications instead of the
     series or continued fraction (Abramowitz and Stegun 26.4.4-26.4.5). The terms are Poisson
-    probabilities (<= 1, all positive), so nothing overflows or cancels.
+    probabilities (<= 1, all positive), so nothing overflows or cancels. For ``k`` in
+    [1, 200] the term divisors come from tables; the result is `_chi2_sf_int_loop`'s, the
+    same operations in the same order, bit for bit.
     """
+    if x <= 0.0:
+        return 1.0
+    if not 1 <= k <= _K_TABLE:
+        return _chi2_sf_int_loop(x, k)
+    h = 0.5 * x
+    if k % 2 == 0:
+        term = total = _exp(-h)
+        for i in _EVEN_DIVISORS[: k // 2 - 1]:
+            term *= h / i
+            total += term
+    else:
+        root = _sqrt(h)
+        total = _erfc(root)
+        if k > 1:
+            term = _exp(-h) * root * _TWO_OVER_SQRT_PI  # e^-h h^(1/2) / G(3/2)
+            total += term
+            for c in _ODD_DIVISORS[: k // 2 - 1]:
+                term *= h / c
+                total += term
+    return total if total < 1.0 else 1.0
+
+
+def _chi2_sf_int_loop(x: float, k: int) -> float:
+    """`chi2_sf_int` with the divisors computed in the loop, for any int ``k``."""
     if x <= 0.0:
         return 1.0
     h = 0.5 * x

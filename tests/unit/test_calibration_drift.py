@@ -404,6 +404,18 @@ def test_chi2_sf_int_is_chi2_sf():
             assert chi2_sf_int(x, k) == chi2_sf(x, k)
 
 
+def test_chi2_sf_int_tables_are_the_loop_bit_for_bit():
+    # chi2_sf_int takes its term divisors from tables for k <= 200 and computes them in the
+    # loop (`_chi2_sf_int_loop`, the form it had) beyond: the same operations, the same bits.
+    from armguard.detectors._calibration import _chi2_sf_int_loop, chi2_sf_int
+
+    rng = np.random.default_rng(70)
+    edges = [0.0, -1.0, 5e-324, 1e-300, 1e-6, 1e4, 1e308, math.inf]
+    for k in [*range(-2, 206), 399, 400, 1000]:
+        for x in [*edges, *(rng.random(60) * 3 * max(k, 1)).tolist()]:
+            assert chi2_sf_int(x, k) == _chi2_sf_int_loop(x, k), (x, k)
+
+
 def test_inconsistent_states_are_refused():
     state = json.loads(json.dumps(OLD_STATE))
     with pytest.raises(ValueError, match="front"):
