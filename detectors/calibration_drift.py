@@ -200,11 +200,10 @@ class CalibrationDrift(_EdgeAlarm):
         slot = self._slots[end]
         if slot is None:
             slot = self._slots[end] = self._slot(end)
-        n, e, o, n_again, low, high, row = slot
-        n[...] = counts
+        n, counts_twice, e, o, low, high, row = slot
+        counts_twice[...] = counts  # broadcast to both rows in one assignment
         e[...] = prediction_sums
         o[...] = outcome_sums
-        n_again[...] = n
         # One comparison checks it: (e, o, 0, 0) <= (n, n, e, o) is 0 <= e <= n and 0 <= o <= n
         # in every bin (a NaN fails every comparison); an inf or an overflow makes the window's
         # count inf below.
@@ -258,10 +257,10 @@ class CalibrationDrift(_EdgeAlarm):
         self._evaluate(count, sum(te), sum(to), gap, v_total, hl, k)
 
     def _slot(self, i: int) -> _Slot:
-        """Views of buffer slot ``i``: counts, prediction sums, outcome sums, counts again,
-        the two compared halves and the row."""
+        """Views of buffer slot ``i``: counts, counts again and counts, prediction sums,
+        outcome sums, the two compared halves and the row."""
         s = self._buffer[i]
-        return s[1], s[2], s[3], s[0], s[2:], s[:4], s[1:4]
+        return s[1], s[:2], s[2], s[3], s[2:], s[:4], s[1:4]
 
     def _update_one(
         self,
