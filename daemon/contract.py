@@ -115,9 +115,10 @@ SKIP_REASONS = ("unknown_experiment",)
 _LO = -1e100
 _HI = 1e100
 _DETAIL_CHARS = 200
-# The fold decodes and checks a batch this many records at a time (the decoded objects of one
-# chunk are alive together: a few MB, and the per-chunk numpy calls cost ~10 ns per record).
-_CHUNK = 4096
+# The fold decodes and checks a batch this many records at a time: the decoded objects of one
+# chunk are alive together and stay in the CPU caches until they are freed (4,096 cost 30% more
+# per record than 512 with 10,000 experiments; 256 more per-chunk numpy calls).
+_CHUNK = 512
 # Below this magnitude an integer converts to a float exactly, so numpy's comparisons of the
 # float agree with Python's of the integer; larger ones take the per-record path.
 _EXACT = 2.0**53
@@ -390,9 +391,10 @@ class PartitionAccumulator:
     :meth:`fold` appends to a handful of flat columns whatever the number of experiments: per
     accepted record its group (experiment, arm) and event time, per summarised value the value
     and its group; it checks a chunk of records column by column and only the records it
-    cannot accept one by one (:meth:`_fold_chunk`). :meth:`drain` groups them with one sort per metric and summarises every group
-    in one vectorised pass (:func:`~armguard.daemon.summarise.summarise_groups`). Memory is a few
-    machine words per value, bounded by the flush size (``ingest.max_pending_records``).
+    cannot accept one by one (:meth:`_fold_chunk`). :meth:`drain` groups them with one sort per
+    metric and summarises every group in one vectorised pass
+    (:func:`~armguard.daemon.summarise.summarise_groups`). Memory is a few machine words per
+    value, bounded by the flush size (``ingest.max_pending_records``).
 
     Parameters
     ----------
@@ -478,6 +480,7 @@ class PartitionAccumulator:
         """
         c = self.contract
         n = len(records)
+        chunk = records
         loads = orjson.loads
         max_bytes = c.max_record_bytes
         empty = _EMPTY
@@ -505,7 +508,7 @@ class PartitionAccumulator:
                 o = empty
             if type(o) is not dict:
                 o = empty
-            elif flatten is not None:
+            elif flatten is not None and o is not empty:
                 o = flatten(o)
             add(o)
             if quoted:
@@ -513,13 +516,16 @@ class PartitionAccumulator:
             else:
                 add_key(f"{o.get(k_exp)}\0{o.get(k_arm)}")
         get = dict.get
+        all_objs = objs
         # The group of every record, -1 if none.
         gid = np.fromiter(map(c._by_group.get, keys, repeat(-1)), dtype=np.int64, count=n)
         known = gid >= 0
         # Records without a group: telemetry of unconfigured experiments is skipped here, the
         # rest (no value, invalid JSON, unknown arm...) is for _fold_each.
-        slow = np.zeros(n, dtype=bool)
-        if not known.all():
+        slow: list[int] = []
+        if known.all():
+            at = None  # every record is checked below
+        else:
             exps = c._exp_index
             skipped = 0
             last = None
@@ -529,16 +535,29 @@ class PartitionAccumulator:
                     skipped += 1
                     last = e
                 else:
-                    slow[i] = True
+                    slow.append(i)
             if skipped:
                 self._skipped += skipped
                 self._skipped_detail = _clip(last)
-        exp = c._group_exp_or_none[gid]
+            # The checks below run on the records with a group only (a shared topic may carry
+            # mostly other teams' telemetry).
+            at = np.flatnonzero(known)
+            if not at.shape[0]:
+                if slow:
+                    decoded = [None if objs[i] is empty else objs[i] for i in slow]
+                    self._fold_each([records[i] for i in slow], now, decoded)
+                return
+            pick = at.tolist()
+            objs = list(map(objs.__getitem__, pick))
+            gid = gid[at]
+            records = list(map(records.__getitem__, pick))
+        exp = c._group_exp[gid]
+        m = len(objs)
 
         # Event time: a number (missing reads as NaN), fresh against the reference time.
         ts, bad = _numbers(list(map(get, objs, repeat(k_ts), repeat(_NAN))))
         if now is None:
-            ref = np.fromiter(map(_timestamp, records), dtype=np.float64, count=n) * 0.001
+            ref = np.fromiter(map(_timestamp, records), dtype=np.float64, count=m) * 0.001
         else:
             ref = now
         with np.errstate(invalid="ignore"):
@@ -577,10 +596,9 @@ class PartitionAccumulator:
                 with np.errstate(invalid="ignore"):
                     reject |= take & ~((values >= lo) & (values <= hi))
                 columns.append((cols[name], values, take))
-        slow |= reject & known
-        accept = known & ~reject
+        accept = ~reject
 
-        def append(a: int, b: int) -> None:
+        def append(a: int, b: int) -> None:  # the accepted records among the checked a..b-1
             ok = accept[a:b]
             self._gids.frombytes(gid[a:b][ok].tobytes())
             self._ts.frombytes(ts[a:b][ok].tobytes())
@@ -589,23 +607,60 @@ class PartitionAccumulator:
                 col_values.frombytes(values[a:b][t].tobytes())
                 col_groups.frombytes(gid[a:b][t].tobytes())
 
-        if not slow.any():
-            append(0, n)
+        rejected = np.flatnonzero(reject)
+        if rejected.shape[0]:
+            slow = rejected.tolist() if at is None else sorted(slow + at[rejected].tolist())
+        if not slow:
+            append(0, m)
             return
-        # Runs of records for _fold_each, in order between the bulk appends.
-        edges = np.flatnonzero(np.diff(np.r_[0, slow.view(np.int8), 0]))
-        done = 0
-        for first, end in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-            if first > done:
-                append(done, first)
-            self._fold_each(records[first:end], now)
-            done = end
-        if done < n:
-            append(done, n)
+        # The records for _fold_each, in offset order: it rejects them (that is why they are
+        # here) and appends nothing, so the accepted ones go in after it, in one go. If it did
+        # accept one (see above), that is undone and the chunk is folded in order instead.
+        # What was decoded is passed on (only records that failed to decode are decoded again).
+        decoded = [None if o is empty else o for o in map(all_objs.__getitem__, slow)]
+        mark = self._mark()
+        self._fold_each([chunk[i] for i in slow], now, decoded)
+        if len(self._gids) == mark[0]:
+            append(0, m)
+            return
+        self._undo(mark)
+        checked = np.arange(n) if at is None else at
+        starts = [i for k, i in enumerate(slow) if not k or slow[k - 1] != i - 1]
+        ends = [i + 1 for k, i in enumerate(slow) if k + 1 == len(slow) or slow[k + 1] != i + 1]
+        done = 0  # checked records before this one are folded
+        for first, end in zip(starts, ends, strict=True):
+            upto = int(checked.searchsorted(first))
+            append(done, upto)
+            decoded = [None if o is empty else o for o in all_objs[first:end]]
+            self._fold_each(chunk[first:end], now, decoded)
+            done = int(checked.searchsorted(end))
+        append(done, m)
 
-    def _fold_each(self, records: Sequence[Any], now: float | None) -> None:
+    def _mark(self) -> tuple[int, int, int, str, list[int]]:
+        cols = [len(a) for v, g in (*self._mcols.values(), *self._fcols.values()) for a in (v, g)]
+        return len(self._gids), len(self._deadletters), self._skipped, self._skipped_detail, cols
+
+    def _undo(self, mark: tuple[int, int, int, str, list[int]]) -> None:
+        """Truncate the columns, dead letters and skipped count back to :meth:`_mark`'s."""
+        rows, dead, self._skipped, self._skipped_detail, cols = mark
+        del self._gids[rows:], self._ts[rows:], self._deadletters[dead:]
+        arrays = [a for v, g in (*self._mcols.values(), *self._fcols.values()) for a in (v, g)]
+        for a, size in zip(arrays, cols, strict=True):
+            del a[size:]
+
+    def _fold_each(
+        self,
+        records: Sequence[Any],
+        now: float | None,
+        decoded: Sequence[dict[str, Any] | None] | None = None,
+    ) -> None:
         """The data contract, record by record: the reason of every rejected record, and the
-        fold of a record whose checks the columns left undecided (see :meth:`_fold_chunk`)."""
+        fold of a record whose checks the columns left undecided (see :meth:`_fold_chunk`).
+
+        ``decoded`` (one per record, if given): the record's value already decoded into an
+        object (flattened for nested paths), or None where it was not (then it is decoded
+        here, which finds the reason it could not be).
+        """
         c = self.contract
         loads = orjson.loads
         json_error = orjson.JSONDecodeError
@@ -633,24 +688,25 @@ class PartitionAccumulator:
         skipped = 0
         skipped_exp = None
 
-        for rec in records:
-            value = rec.value
-            if value is None:
-                dead(DeadLetter(rec, "no_value", "the record has a null value"))
-                continue
-            if len(value) > max_bytes:
-                dead(DeadLetter(rec, "too_large", f"{len(value)} bytes > {max_bytes}"))
-                continue
-            try:
-                obj = loads(value)
-            except json_error as exc:
-                dead(DeadLetter(rec, "invalid_json", _clip(str(exc))))
-                continue
-            if type(obj) is not dict:
-                dead(DeadLetter(rec, "not_object", f"a JSON {_kind(obj)}, not an object"))
-                continue
-            if nested:
-                obj = flatten(obj)
+        for rec, obj in zip(records, repeat(None) if decoded is None else decoded):  # noqa: B905
+            if obj is None:
+                value = rec.value
+                if value is None:
+                    dead(DeadLetter(rec, "no_value", "the record has a null value"))
+                    continue
+                if len(value) > max_bytes:
+                    dead(DeadLetter(rec, "too_large", f"{len(value)} bytes > {max_bytes}"))
+                    continue
+                try:
+                    obj = loads(value)
+                except json_error as exc:
+                    dead(DeadLetter(rec, "invalid_json", _clip(str(exc))))
+                    continue
+                if type(obj) is not dict:
+                    dead(DeadLetter(rec, "not_object", f"a JSON {_kind(obj)}, not an object"))
+                    continue
+                if nested:
+                    obj = flatten(obj)
 
             exp = obj.get(k_exp)
             arm = obj.get(k_arm)
