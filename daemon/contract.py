@@ -466,17 +466,20 @@ class PartitionAccumulator:
     def _fold_chunk(self, records: Sequence[Any], now: float | None) -> None:
         """Fold records column by column, and the few that need it one by one.
 
-        Each record is decoded (one ``orjson.loads`` each), then every check of the contract
-        runs on the whole chunk at once: the fields are read with ``map`` and their types
-        checked per column (``set(map(type, ...))``), the group keys looked up with ``map``,
-        times and values compared with numpy. Records that pass every check are appended in
-        bulk. The rest (undecodable, unknown arm, wrong type, late, out of range: whatever is
-        rejected) go through :meth:`_fold_each`, the record-by-record statement of the contract,
-        which finds the reason; it may also accept a record the column checks left to it (a
-        boolean in a metric the experiment does not summarise, an integer beyond 2**53).
-        Records keep their order: the accepted ones before such a record are appended first,
-        so every column receives the values in the order a record-by-record fold gives them,
-        and dead letters are in offset order.
+        Each record is decoded (one ``orjson.loads`` each) and its group key looked up (one
+        ``map`` over the chunk); telemetry of unconfigured experiments is counted as skipped.
+        Every other check of the contract then runs on the records that have a group, all at
+        once: the fields are read with ``map`` and their types checked per column
+        (``set(map(type, ...))``), times and values compared with numpy against per-experiment
+        ranges. Records that pass every check are appended in bulk. The rest (undecodable,
+        unknown arm, wrong type, late, out of range: whatever is rejected) go, in offset order
+        and in one call, through :meth:`_fold_each`, the record-by-record statement of the
+        contract, which names each one's reason; as it appends nothing for them, the accepted
+        records are appended after it. It may, rarely, accept a record the columns left to it
+        (a boolean in a metric the experiment does not summarise, an integer beyond 2**53):
+        then its work is undone and the chunk is folded in order, the accepted records between
+        two such runs in bulk. Either way every column receives its values in the order a
+        record-by-record fold gives them, and dead letters are in offset order.
         """
         c = self.contract
         n = len(records)
