@@ -296,11 +296,10 @@ class Contract:
         # group id -> position of its experiment (vectorised grouping at a flush)
         index = self._exp_index
         self._group_exp = np.array([index[e] for e, _ in self._groups], dtype=np.int64)
-        self._group_exp_or_none = np.r_[self._group_exp, -1]  # group -1: no experiment, -1
         self.metric_names = tuple(sorted(metric_names))
         self.feature_names = tuple(sorted(feature_names))
         # name -> (min, max) per experiment position, NaN where the experiment does not
-        # summarise the name; one extra NaN entry at the end stands for "no experiment" (-1).
+        # summarise the name (the fold compares whole columns against them).
         self._limits = tuple(
             _limits([r[section] for r in exp_ranges], names)
             for section, names in enumerate((self.metric_names, self.feature_names))
@@ -367,9 +366,9 @@ def _limits(
     ranges: list[dict[str, tuple[float, float]]], names: Sequence[str]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (min, max) by experiment position, NaN where the experiment does not summarise
-    the name, and one NaN more at the end for "no experiment" (index -1)."""
+    the name."""
     n = len(ranges)
-    out = {name: (np.full(n + 1, np.nan), np.full(n + 1, np.nan)) for name in names}
+    out = {name: (np.full(n, np.nan), np.full(n, np.nan)) for name in names}
     for k, r in enumerate(ranges):
         for name, (lo, hi) in r.items():
             out[name][0][k] = lo
@@ -639,16 +638,18 @@ class PartitionAccumulator:
             done = int(checked.searchsorted(end))
         append(done, m)
 
+    def _value_columns(self) -> list[array[Any]]:
+        return [a for v, g in (*self._mcols.values(), *self._fcols.values()) for a in (v, g)]
+
     def _mark(self) -> tuple[int, int, int, str, list[int]]:
-        cols = [len(a) for v, g in (*self._mcols.values(), *self._fcols.values()) for a in (v, g)]
+        cols = [len(a) for a in self._value_columns()]
         return len(self._gids), len(self._deadletters), self._skipped, self._skipped_detail, cols
 
     def _undo(self, mark: tuple[int, int, int, str, list[int]]) -> None:
         """Truncate the columns, dead letters and skipped count back to :meth:`_mark`'s."""
         rows, dead, self._skipped, self._skipped_detail, cols = mark
         del self._gids[rows:], self._ts[rows:], self._deadletters[dead:]
-        arrays = [a for v, g in (*self._mcols.values(), *self._fcols.values()) for a in (v, g)]
-        for a, size in zip(arrays, cols, strict=True):
+        for a, size in zip(self._value_columns(), cols, strict=True):
             del a[size:]
 
     def _fold_each(

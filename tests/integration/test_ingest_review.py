@@ -7,10 +7,8 @@ and the committed offsets must still reach the end of every partition."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 
-import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import NewTopic
@@ -23,6 +21,7 @@ from armguard.daemon.metrics import Metrics
 from armguard.daemon.settings import Settings
 
 from .ingest_support import (
+    assert_offsets_tile,
     assert_same_summaries,
     caught_up,
     end_offsets,
@@ -38,20 +37,6 @@ from .ingest_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def _assert_no_overlap(summary_values: list[bytes], topic: str) -> None:
-    """No input offset is covered by two summaries (nothing counted twice)."""
-    ranges: dict[int, list[tuple[int, int]]] = {}
-    for raw in summary_values:
-        rec = orjson.loads(raw)
-        for o in rec["offsets"]:
-            assert o["topic"] == topic
-            ranges.setdefault(o["partition"], []).append((o["first"], o["last"]))
-    for p, rs in ranges.items():
-        ordered = sorted(set(rs))
-        for (_, last), (first, _) in itertools.pairwise(ordered):
-            assert first > last, f"partition {p}: overlapping flushes {ordered}"
 
 
 async def test_transactional_telemetry_across_rebalances_counts_each_record_once(
@@ -113,7 +98,7 @@ async def test_transactional_telemetry_across_rebalances_counts_each_record_once
     assert first.totals["consumed"] + second.totals["consumed"] == sent
     assert first.totals["summarised"] + second.totals["summarised"] == sent
     out = [r.value for r in await read_topic(kafka_bootstrap, summaries)]
-    _assert_no_overlap(out, topic)
+    assert_offsets_tile(out, ends, topic)
     inputs = await read_topic(kafka_bootstrap, topic)
     assert len(inputs) == sent
     by_partition: dict[int, list] = {}
@@ -168,7 +153,7 @@ async def test_an_offsets_only_commit_refused_by_a_fence_is_recovered(
         await asyncio.wait_for(task, 30)
     assert stage.totals["consumed"] == stage.totals["summarised"] == 200
     out = [r.value for r in await read_topic(kafka_bootstrap, summaries)]
-    _assert_no_overlap(out, topic)
+    assert_offsets_tile(out, ends, topic)
     inputs = await read_topic(kafka_bootstrap, topic)
     assert {r.value for r in inputs} == set(first_batch)
     contract = Contract(experiments(), settings.ingest)
