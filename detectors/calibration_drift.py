@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 
-from ._calibration import check_run_length, chi2_sf_int
+from ._calibration import _TWO_OVER_SQRT_PI, check_run_length, chi2_sf_int
 from ._edge import _EdgeAlarm
 
 _MAX_SCORE = 300.0
 _SQRT2 = math.sqrt(2.0)
 _sqrt = math.sqrt
 _erfc = math.erfc
+_exp = math.exp
 _log10 = math.log10
 _F64 = np.dtype(np.float64)
 _np_add = np.add
@@ -200,7 +201,7 @@ class CalibrationDrift(_EdgeAlarm):
         slot = self._slots[end]
         if slot is None:
             slot = self._slots[end] = self._slot(end)
-        n, counts_twice, e, o, low, high, row = slot
+        _, counts_twice, e, o, low, high, row = slot
         counts_twice[...] = counts  # broadcast to both rows in one assignment
         e[...] = prediction_sums
         o[...] = outcome_sums
@@ -227,10 +228,9 @@ class CalibrationDrift(_EdgeAlarm):
         older = self._suffix_views[-back] if back else self._zero
         tn, te, to = _np_add(older, new_front, self._total).tolist()
         count = sum(tn)
-        # Each window total is at least the new interval's (non-negative terms, rounding is
-        # monotone), so only an inf total needs the interval's own count summed: the
-        # interval is refused if that overflows too.
-        if not count < _INF and not sum(n.tolist()) < _INF:
+        # An inf total: the interval's own count overflows (`_reject` names it) or the window's
+        # does; either way the interval is refused before anything is committed.
+        if not count < _INF:
             self._reject(counts, prediction_sums, outcome_sums)
         # Comparing floats with floats (0.0, not 0) takes CPython's fast path; the lengths are
         # checked, so zip needs no strict.
@@ -255,6 +255,120 @@ class CalibrationDrift(_EdgeAlarm):
         self._spare = self._front  # free again
         self._front = new_front
         self._evaluate(count, sum(te), sum(to), gap, v_total, hl, k)
+
+    @classmethod
+    def update_many(
+        cls,
+        detectors: Sequence[CalibrationDrift],
+        counts: Any,
+        prediction_sums: Any,
+        outcome_sums: Any,
+    ) -> None:
+        """``detectors[i].update(counts[i], prediction_sums[i], outcome_sums[i])`` for every
+        ``i``, with a fixed number of numpy calls per batch.
+
+        Thousands of arms are evaluated at the same interval boundary: here each detector
+        only takes its interval into its window in Python (its buffer slot and, every
+        ``window_intervals`` updates, the older block's sums); the window totals, the
+        statistics over the bins, the p-values and the scores are computed for the whole
+        batch at once. Every detector's results and state are those of ``update()`` bit for
+        bit (the same IEEE operations in the same order, the bins added one after the other
+        as ``update()`` adds them, ``exp``, ``erfc`` and ``log10`` from ``math``), so a
+        detector's results do not depend on the rest of the batch, and single and batched
+        updates of one detector may be mixed freely. A detector listed twice sees its updates
+        in list order (the batch is cut before its second update). Detectors of different
+        ``expected_run_length``, ``window_intervals`` (1 included) and ``clear_fraction`` may
+        be mixed; all must have the same ``n_bins``, the width of the arrays (call once per
+        ``n_bins`` otherwise).
+
+        Refused input changes nothing: every interval is checked before any detector is
+        updated, and the first refused row raises the ``ValueError`` ``update()`` would raise
+        for it, prefixed with its index (``"row 3: ..."``). The one check that depends on the
+        window, a window total count that overflows float64 (counts near 1.8e308), is made
+        per run of distinct detectors: with a detector listed twice, the runs before the
+        refused row have been applied.
+
+        Parameters
+        ----------
+        detectors
+            The detectors to update, all with the same ``n_bins``.
+        counts, prediction_sums, outcome_sums
+            ``(len(detectors), n_bins)`` array-likes: row ``i`` is the interval of
+            ``detectors[i]``, as ``update()`` takes it.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from armguard.detectors import CalibrationDrift
+        >>> from armguard.detectors.calibration_drift import bin_predictions
+        >>> rng = np.random.default_rng(42)
+        >>> dets = [CalibrationDrift(expected_run_length=10_000, window_intervals=4)
+        ...         for _ in range(3)]
+        >>> for i in range(12):
+        ...     rows = []
+        ...     for arm in range(3):
+        ...         p = rng.uniform(0.05, 0.6, 2_000)
+        ...         truth = np.clip(p - 0.05, 0, 1) if arm == 2 and i >= 8 else p
+        ...         rows.append(bin_predictions(p, rng.random(p.size) < truth))
+        ...     CalibrationDrift.update_many(dets, *zip(*rows))  # K rows of each input
+        >>> [(d.in_alarm, round(d.bias, 3), round(d.score, 1)) for d in dets]
+        [(False, -0.006, 0.6), (False, 0.006, 0.3), (True, 0.061, 33.8)]
+        """
+        dets = list(detectors)
+        size = len(dets)
+        if not size:
+            for name, value in zip(_NAMES, (counts, prediction_sums, outcome_sums), strict=True):
+                if len(value):
+                    raise ValueError(f"{name} must have one row per detector: got 0 detectors")
+            return
+        n_bins = dets[0].n_bins
+        for det in dets:
+            if not isinstance(det, CalibrationDrift):
+                raise ValueError(f"detectors must be CalibrationDrift instances, got {det!r}")
+            if det.n_bins != n_bins:
+                raise ValueError(
+                    f"update_many takes detectors of one n_bins, got {n_bins} and "
+                    f"{det.n_bins}: call it once per n_bins"
+                )
+        # The intervals as one (K, 3, n_bins) float64 array, cast as update() casts them.
+        rows = np.empty((size, 3, n_bins))
+        for j, (name, value) in enumerate(
+            zip(_NAMES, (counts, prediction_sums, outcome_sums), strict=True)
+        ):
+            try:
+                column = np.asarray(value, dtype=_F64)
+            except (TypeError, ValueError):
+                column = None  # ragged or not numbers: named below
+            if column is None or column.shape != (size, n_bins):
+                shape = "ragged" if column is None else column.shape
+                raise ValueError(
+                    f"{name} must be a (len(detectors), n_bins) = ({size}, {n_bins}) array, "
+                    f"got {shape}"
+                )
+            rows[:, j] = column
+        # The checks of update() on every interval at once: 0 <= e <= n and 0 <= o <= n in
+        # every bin (a NaN fails every comparison), and the interval's count finite (summed
+        # as update() sums it, bin after bin: an inf or an overflow).
+        values = rows[:, 1:]
+        with np.errstate(all="ignore"):
+            ok = (values >= 0.0) & (values <= rows[:, :1])
+            own = rows[:, 0, 0] + 0.0
+            for b in range(1, n_bins):
+                own += rows[:, 0, b]
+        bad = ~ok.reshape(size, -1).all(axis=1) | ~(own < _INF)
+        if bad.any():
+            _refuse(dets, rows, int(np.flatnonzero(bad)[0]))
+        # Runs of distinct detectors, in order: a detector listed twice starts a new run.
+        first = 0
+        seen: set[int] = set()
+        for i, det in enumerate(dets):
+            key = id(det)
+            if key in seen:
+                _update_run(dets[first:i], rows[first:i], first)
+                first = i
+                seen = set()
+            seen.add(key)
+        _update_run(dets[first:], rows[first:], first)
 
     def _slot(self, i: int) -> _Slot:
         """Views of buffer slot ``i``: counts, counts again and counts, prediction sums,
@@ -344,7 +458,10 @@ class CalibrationDrift(_EdgeAlarm):
         for nb, eb, ob in zip(n, e, o, strict=True):
             if eb > nb or ob > nb:
                 raise ValueError("prediction_sums and outcome_sums cannot exceed counts")
-        raise ValueError("counts, prediction_sums and outcome_sums must be finite and >= 0")
+        # every check on the interval itself passed: its window's total count is what overflows
+        raise ValueError(
+            "counts must be finite and >= 0: the window's total count overflows with this interval"
+        )
 
     def _row(self, name: str, seq: Sequence[float]) -> list[float]:
         row = _floats(seq)
@@ -476,3 +593,185 @@ class CalibrationDrift(_EdgeAlarm):
         det._count = int(state["count"])
         det._load_edge_state(state)
         return det
+
+
+# Python's sum() of floats: a plain left-to-right sum up to 3.11, Neumaier's compensated sum
+# from 3.12 (gh-100425). `update` sums the window's totals with sum(); the batch replicates
+# whichever this interpreter does.
+_COMPENSATED_SUM = sum([1.0, 1e100, 1.0, -1e100]) != 0.0
+
+
+def _sequential_sums(columns: np.ndarray, compensated: int) -> np.ndarray:
+    """Sums over axis 1 of ``columns`` (m, n_bins, K), bin after bin as ``update`` adds them:
+    ``((0.0 + c[0]) + c[1]) + ...`` (``gap += ...``), the first ``compensated`` rows as
+    ``sum()`` adds a list of floats (left to right, or Neumaier's sum, see
+    `_COMPENSATED_SUM`). Call inside ``np.errstate(all="ignore")`` (overflows are refused
+    later, as ``update`` refuses them)."""
+    acc = columns[:, 0] + 0.0  # sum() starts from int 0: 0 + -0.0 is 0.0
+    if not (_COMPENSATED_SUM and compensated):
+        for b in range(1, columns.shape[1]):
+            acc += columns[:, b]
+        return acc
+    f = acc[:compensated]
+    c = np.zeros_like(f)
+    for b in range(1, columns.shape[1]):
+        acc[compensated:] += columns[compensated:, b]
+        x = columns[:compensated, b]
+        t = f + x
+        # CPython's builtin_sum: c += (f - t) + x if |f| >= |x| else (x - t) + f
+        c += np.where(np.abs(f) >= np.abs(x), (f - t) + x, (x - t) + f)
+        f[...] = t
+    # "if (c && isfinite(c)) f += c": an inf or overflowed sum does not become NaN
+    f[...] = np.where((c != 0.0) & np.isfinite(c), f + c, f)
+    return acc
+
+
+def _map(function: Callable[[float], float], values: np.ndarray) -> np.ndarray:
+    """``function`` (a ``math`` one) on every value: numpy's exp, erfc and log10 may round
+    differently from the C library's that ``update`` calls."""
+    return np.array(list(map(function, values.tolist())))
+
+
+def _chi2_sf_int_many(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``chi2_sf_int(x[i], k[i])`` for every ``i`` (``k >= 1``), bit for bit: the same IEEE
+    operations in the same order (the Poisson-sum terms of ``chi2_sf_int``, one step of every
+    element at a time, an element's steps ending at its own ``k``), ``exp`` and ``erfc`` from
+    ``math``. Call inside ``np.errstate(all="ignore")``."""
+    h = 0.5 * x
+    exp_h = _map(_exp, -h)
+    odd = (k % 2).astype(bool)
+    # even k: term = total = exp(-h); odd k: root = sqrt(h), total = erfc(root), and for k > 1
+    # total += term with term = exp(-h) * root * 2 / sqrt(pi)
+    root = np.sqrt(h)
+    erfc_root = _map(_erfc, root)
+    odd_term = exp_h * root * _TWO_OVER_SQRT_PI
+    term = np.where(odd, odd_term, exp_h)
+    total = np.where(odd, np.where(k > 1, erfc_root + odd_term, erfc_root), exp_h)
+    # then k // 2 - 1 steps: term *= h / divisor; total += term (divisors 1, 2, ... for an
+    # even k, 1.5, 2.5, ... for an odd one)
+    steps = k // 2 - 1
+    for j in range(int(steps.max(initial=0))):
+        active = j < steps
+        term = np.where(active, term * (h / np.where(odd, j + 1.5, j + 1.0)), term)
+        total = np.where(active, total + term, total)
+    total = np.where(total < 1.0, total, 1.0)  # a NaN total gives 1.0, as in chi2_sf_int
+    return np.where(x <= 0.0, 1.0, total)
+
+
+def _refuse(det: CalibrationDrift, row: np.ndarray, index: int) -> NoReturn:
+    """Raise the error ``update`` raises for the interval ``row`` of batch row ``index``."""
+    try:
+        det._reject(*row)
+    except ValueError as exc:
+        raise ValueError(f"row {index}: {exc}") from None
+
+
+def _update_run(dets: list[CalibrationDrift], rows: np.ndarray, offset: int) -> None:
+    """`CalibrationDrift.update_many` on distinct detectors, their intervals checked; rows
+    ``offset`` onwards of the batch (for errors)."""
+    size, _, n_bins = rows.shape
+    zero = np.zeros((3, n_bins))
+    olders: list[np.ndarray] = []
+    fronts: list[np.ndarray] = []
+    plans: list[tuple[int, int, int] | None] = []
+    # Each detector takes its interval into its window as `update` does, up to the window's
+    # sums; nothing visible changes before the commit below (the interval goes to a free
+    # slot, a buffer move keeps the window's rows, the older block's sums are written only
+    # when it is empty).
+    for det, row in zip(dets, rows):  # noqa: B905 (one row per detector)
+        w = det.window_intervals
+        if w == 1:
+            olders.append(zero)
+            fronts.append(zero)
+            plans.append(None)
+            continue
+        start = det._start
+        end = det._end
+        buffer = det._rows
+        if end == 2 * w:  # the buffer is used up: move the window to its start
+            buffer[: end - start] = buffer[start:end]
+            det._end = end = end - start
+            det._start = start = 0
+        buffer[end] = row
+        back = det._back
+        front = det._front
+        if end - start == w:  # the oldest interval leaves
+            start += 1
+            if back:
+                back -= 1
+            else:  # the newer block becomes the older one, less the interval leaving
+                back = end - start
+                _accumulate(buffer[start:end][::-1], 0, None, det._suffix_back)
+                front = zero
+        olders.append(det._suffix_views[-back] if back else zero)
+        fronts.append(front)
+        plans.append((start, end + 1, back))
+    with np.errstate(all="ignore"):
+        # update's ``new_front = front + row`` and ``total = older + new_front`` for all
+        new_fronts = np.array(fronts)
+        new_fronts += rows
+        totals = np.array(olders)
+        totals += new_fronts
+        # The statistics over bins, bins along axis 1 and detectors along axis 2: the window's
+        # counts, prediction and outcome sums, then per bin |o - e|, v = e (1 - e / n) and
+        # (o - e)^2 / v where v > 0 (0.0 elsewhere: adding 0.0 to these non-negative sums, as
+        # to a bin that update() skips, changes nothing; an empty bin has e = o = 0).
+        stats = np.empty((6, n_bins, size))
+        stats[:3] = totals.transpose(1, 2, 0)
+        tn, te, to = stats[0], stats[1], stats[2]
+        d = to - te
+        np.abs(d, out=stats[3])
+        v = te * (1.0 - te / tn)  # NaN in an empty bin (0 / 0): not > 0
+        valid = v > 0.0
+        stats[4] = np.where(valid, v, 0.0)
+        stats[5] = np.where(valid, d * d / v, 0.0)
+        k = np.count_nonzero(valid, axis=0)
+        count, e_total, o_total, gap, v_total, hl = _sequential_sums(stats, 3)
+        refused = ~(count < _INF)  # the window's total count overflows
+        if refused.any():
+            j = int(np.flatnonzero(refused)[0])
+            _refuse(dets[j], rows[j], offset + j)
+        # `_evaluate`, vectorised
+        ece = gap / count
+        bias = (e_total - o_total) / count
+        p_bias = _map(_erfc, np.abs((o_total - e_total) / np.sqrt(v_total)) / _SQRT2)
+        p_hl = _chi2_sf_int_many(hl, k)
+        p = 2.0 * np.where(p_bias < p_hl, p_bias, p_hl)
+        p = np.where(k > 0, np.where(p < 1.0, p, 1.0), 1.0)
+        score = np.where(p <= 0.0, _MAX_SCORE, -_map(_log10, np.where(p > 0.0, p, 1.0)))
+        score = np.where(score < _MAX_SCORE, score, _MAX_SCORE)
+    for i, (det, plan, front, c, ece_i, bias_i, p_i, score_i) in enumerate(
+        zip(  # noqa: B905 (one of each per detector)
+            dets,
+            plans,
+            new_fronts,
+            count.tolist(),
+            ece.tolist(),
+            bias.tolist(),
+            p.tolist(),
+            score.tolist(),
+        )
+    ):
+        if plan is None:
+            det._window = [tuple(rows[i].tolist())]
+        else:
+            det._start, det._end, det._back = plan
+            # into the detector's own spare array, as update() does (a view of the batch's
+            # array would keep all of it alive)
+            spare = det._spare
+            spare[...] = front
+            det._spare = det._front
+            det._front = spare
+        det._count = round(c)
+        in_alarm = det._in_alarm
+        if c == 0.0:
+            level = in_alarm
+        else:
+            det._ece = ece_i
+            det._bias = bias_i
+            det._p_value = p_i
+            level = score_i > det._threshold or (in_alarm and score_i > det._clear_threshold)
+        det._alarm = alarm = level and not in_alarm
+        det._in_alarm = level
+        if alarm:
+            det._n_alarms += 1
