@@ -531,9 +531,10 @@ class WindowDrift(_HistogramDrift):
                 "give one histogram per detector"
             )
         ready: list[WindowDrift] = []
-        pending: set[int] = set()
+        pending: set[WindowDrift] = set()  # detectors are hashed by identity
+        add, subtract = np.add, np.subtract
         for det, histogram in zip(detectors, histograms, strict=True):
-            if id(det) in pending:  # listed twice: evaluate its earlier update first
+            if det in pending:  # listed twice: evaluate its earlier update first
                 _evaluate_keyed(ready, all_distances)
                 ready, pending = [], set()
             keys = det._keys
@@ -541,34 +542,49 @@ class WindowDrift(_HistogramDrift):
                 # The common step, inlined (thousands of detectors: every line costs): a
                 # Summary of the detector's accuracy, positive values (and zeros) whose keys
                 # the layout holds, both windows complete, the interval leaving the window
-                # without negative values. What _keyed_stores and _step_keys do then.
+                # without negative values. What _keyed_stores and _step_keys (with
+                # _Keys.shift) do then.
                 h = histogram.histogram
-                n_off, n_counts, zero, p_off, p_counts = h.stores()
+                n_off, n_counts, zero, p_off, counts = h.stores()
                 window = det._window
+                size = counts.shape[0]
                 if (
                     h.relative_accuracy == det._relative_accuracy
                     and not n_counts.shape[0]
-                    and keys.plo <= p_off < p_off + p_counts.shape[0] <= keys.phi
+                    and keys.plo <= p_off < p_off + size <= keys.phi
                     and len(window) == det.window_intervals
-                    and not window[0][1].shape[0]
                 ):
-                    stores = (int(n_off), _NO_COUNTS, int(zero), int(p_off), p_counts.copy())
-                    keys.shift(stores, window.pop(0))
-                    window.append(stores)
-                    det._packed_window.pop(0)
-                    det._packed_window.append(None)
-                    ready.append(det)
-                    pending.add(id(det))
-                    if len(ready) == _CHUNK:  # evaluate while their arrays are in cache
-                        _evaluate_keyed(ready, all_distances)
-                        ready, pending = [], set()
-                    continue
+                    leaving = window[0]
+                    if not leaving[1].shape[0]:
+                        win = keys.win
+                        at = keys.ln + 2 - keys.plo  # layout position of positive key 0, + 1
+                        counts = counts.copy()
+                        part = win[at + p_off : at + p_off + size]
+                        add(part, counts, part)
+                        _, _, zero_out, off, out = leaving
+                        if out.shape[0]:
+                            part = win[at + off : at + off + out.shape[0]]
+                            subtract(part, out, part)
+                        zero = int(zero)
+                        if zero != zero_out:
+                            win[keys.ln + 1] += zero - zero_out
+                        del window[0]
+                        window.append((int(n_off), _NO_COUNTS, zero, int(p_off), counts))
+                        packed = det._packed_window
+                        del packed[0]
+                        packed.append(None)
+                        ready.append(det)
+                        pending.add(det)
+                        if len(ready) == _CHUNK:  # evaluate while their arrays are in cache
+                            _evaluate_keyed(ready, all_distances)
+                            ready, pending = [], set()
+                        continue
             stores = det._keyed_stores(histogram)
             if stores is not None:
                 step = det._step_keys(stores)
                 if step == _READY:
                     ready.append(det)
-                    pending.add(id(det))
+                    pending.add(det)
                     if len(ready) == _CHUNK:  # evaluate while their arrays are in cache
                         _evaluate_keyed(ready, all_distances)
                         ready, pending = [], set()
@@ -818,19 +834,13 @@ def _evaluate_keyed(detectors: list[WindowDrift], all_distances: bool) -> None:
         detectors = rest
     if not detectors:
         return
-    # The batch's inputs in one pass over the detectors (thousands of them: each pass costs).
-    keys, alpha, min_expected, max_bins, names = [], [], [], [], set()
-    for det in detectors:
-        keys.append(det._keys)
-        alpha.append(1.0 / det.expected_run_length)
-        min_expected.append(det.min_expected)
-        max_bins.append(det.max_bins)
-        names.add(det.distance)
+    # The batch's inputs (thousands of detectors: comprehensions, no method calls).
+    names = {det.distance for det in detectors}
     res = batch_window_distances(
-        keys,
-        alpha=alpha,
-        min_expected=min_expected,
-        max_bins=max_bins,
+        [det._keys for det in detectors],
+        alpha=[1.0 / det.expected_run_length for det in detectors],
+        min_expected=[det.min_expected for det in detectors],
+        max_bins=[det.max_bins for det in detectors],
         distances=set(DISTANCES) if all_distances else names,
         thresholds=names,
     )
@@ -838,15 +848,31 @@ def _evaluate_keyed(detectors: list[WindowDrift], all_distances: bool) -> None:
     corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
     thresholds = {name: res[name][2].tolist() for name in names}
     if len(names) == 1 and not all_distances:
-        # One distance (the usual batch): no look-up by name per detector.
+        # One distance (the usual batch): _HistogramDrift._decide and _set_level inlined, with
+        # no look-up by name per detector.
         (name,) = names
         for det, good, score, threshold in zip(
             detectors, ok, corrected[name], thresholds[name], strict=True
         ):
-            if good:
-                det._decide(score, threshold)
-            else:
+            if not good:
                 det._hold()
+                continue
+            det._distances = {name: score}
+            det._pair = None
+            det._score = score
+            threshold = max(threshold, det.min_effect)
+            det._threshold = threshold
+            in_alarm = det._in_alarm
+            if score > threshold:
+                level = True
+            elif in_alarm:
+                level = score > det.clear_fraction * threshold
+            else:
+                level = False
+            det._alarm = alarm = level and not in_alarm
+            det._in_alarm = level
+            if alarm:
+                det._n_alarms += 1
         return
     for j, det in enumerate(detectors):
         if not ok[j]:
