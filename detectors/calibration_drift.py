@@ -357,7 +357,8 @@ class CalibrationDrift(_EdgeAlarm):
                 own += rows[:, 0, b]
         bad = ~ok.reshape(size, -1).all(axis=1) | ~(own < _INF)
         if bad.any():
-            _refuse(dets, rows, int(np.flatnonzero(bad)[0]))
+            i = int(np.flatnonzero(bad)[0])
+            _refuse(dets[i], rows[i], i)
         # Runs of distinct detectors, in order: a detector listed twice starts a new run.
         first = 0
         seen: set[int] = set()

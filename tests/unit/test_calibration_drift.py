@@ -504,3 +504,298 @@ def test_results_are_those_of_the_pinned_code_bit_for_bit(window_intervals, n_bi
             det = CalibrationDrift.from_state(json.loads(json.dumps(det.to_state())))
     assert digest.hexdigest()[:16] == expect
     assert alarms > 0 and errors == 43
+
+
+# -- update_many: the batch is update() one by one, bit for bit --------------------------------
+
+
+def exact(det):
+    """Everything a detector reports and stores, as JSON text: float reprs are exact, and
+    unlike == they tell -0.0 from 0.0."""
+    props = [det.ece, det.bias, det.p_value, det.count, det.score, det.alarm, det.in_alarm]
+    return json.dumps([det.to_state(), det.to_dict(), props, det.n_alarms], allow_nan=False)
+
+
+def refusal(interval, n_bins):
+    """The error update() raises for ``interval`` on its own (None if it takes it)."""
+    try:
+        CalibrationDrift(n_bins=n_bins, window_intervals=1).update(*interval)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def as_batch_input(rng, intervals):
+    """The batch's three inputs: (K, n_bins) float arrays, or lists of the intervals' own
+    rows (lists, int or float arrays) as callers may pass them."""
+    if rng.random() < 0.5:
+        return [np.array([np.asarray(iv[j], dtype=float) for iv in intervals]) for j in range(3)]
+    return [[iv[j] for iv in intervals] for j in range(3)]
+
+
+@pytest.mark.parametrize(("n_bins", "seed"), [(10, 1), (4, 2), (1, 3)])
+def test_update_many_is_update_one_by_one_bit_for_bit(n_bins, seed):
+    # Detectors of mixed windows (1 to 12, so buffers roll over and blocks switch at
+    # different steps), run lengths and clear fractions, each fed its own pinned stream
+    # (calibrated and over-predicting spells, raw float intervals, empty bins, signed zeros,
+    # refused intervals). Each step is a batch (random detectors, repeats included, in random
+    # order), a single update() of one detector, or a detector replaced by one restored from
+    # its JSON state; its twin gets the same intervals through update() one by one.
+    # Everything they report and store is compared exactly after every step.
+    rng = np.random.default_rng(90 + seed)
+    windows = [1, 2, 3, 5, 12, 12, 4]
+    dets = [
+        CalibrationDrift(
+            expected_run_length=[50.0, 200.0, 10_000.0][i % 3],
+            n_bins=n_bins,
+            window_intervals=w,
+            clear_fraction=[0.5, 1.0, 0.0][i % 3],
+        )
+        for i, w in enumerate(windows)
+    ]
+    twins = [CalibrationDrift.from_state(d.to_state()) for d in dets]
+    streams = [
+        pinned_stream(np.random.default_rng(1000 * seed + i), 10**6, n_bins) for i in range(7)
+    ]
+    seen = {"repeats": 0, "refused": 0, "singles": 0, "restored": 0}
+    for _step in range(160):
+        action = rng.random()
+        if action < 0.1:
+            i = int(rng.integers(7))
+            dets[i] = CalibrationDrift.from_state(json.loads(json.dumps(dets[i].to_state())))
+            seen["restored"] += 1
+        elif action < 0.25:
+            i = int(rng.integers(7))
+            interval = next(streams[i])
+            if refusal(interval, n_bins) is None:
+                dets[i].update(*interval)
+                twins[i].update(*interval)
+                seen["singles"] += 1
+        else:
+            idx = rng.integers(0, 7, size=int(rng.integers(1, 15))).tolist()
+            seen["repeats"] += len(idx) > len(set(idx))
+            intervals = [next(streams[i]) for i in idx]
+            errors = [refusal(iv, n_bins) for iv in intervals]
+            if any(errors):
+                # refused: the first refused row is named and no detector changes
+                j = next(j for j, err in enumerate(errors) if err)
+                before = [exact(d) for d in dets]
+                with pytest.raises(ValueError) as info:
+                    CalibrationDrift.update_many(
+                        [dets[i] for i in idx], *as_batch_input(rng, intervals)
+                    )
+                assert str(info.value) == f"row {j}: {errors[j]}"
+                assert [exact(d) for d in dets] == before
+                seen["refused"] += 1
+                keep = [k for k, err in enumerate(errors) if err is None]
+                idx = [idx[k] for k in keep]
+                intervals = [intervals[k] for k in keep]
+            CalibrationDrift.update_many([dets[i] for i in idx], *as_batch_input(rng, intervals))
+            for i, interval in zip(idx, intervals, strict=True):
+                twins[i].update(*interval)
+        for det, twin in zip(dets, twins, strict=True):
+            assert exact(det) == exact(twin), _step
+    assert min(seen.values()) > 0, seen
+    assert sum(t.n_alarms for t in twins) > 0
+    assert min(t.count for t in twins) > 0
+
+
+def test_update_many_results_do_not_depend_on_the_batch():
+    # One detector's updates, alone and inside batches of other detectors' updates.
+    rng = np.random.default_rng(95)
+    alone = CalibrationDrift(expected_run_length=100, window_intervals=3)
+    batched = CalibrationDrift(expected_run_length=100, window_intervals=3)
+    others = [CalibrationDrift(window_intervals=w) for w in (1, 2, 12)]
+    own = calibration_stream(rng, 80)
+    noise = calibration_stream(np.random.default_rng(96), 10**6)
+    for interval in own:
+        CalibrationDrift.update_many([alone], *([row] for row in interval))
+        rest = [next(noise) for _ in others]
+        dets = [*others, batched]
+        CalibrationDrift.update_many(dets, *([iv[j] for iv in [*rest, interval]] for j in range(3)))
+        assert exact(alone) == exact(batched)
+    assert alone.n_alarms > 0
+
+
+def test_update_many_hypothesis_small_batches():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    count = st.sampled_from([0.0, 1.0, 3.0, 1e-3, 5e-324, 7.5, 1e12, 1e300])
+    share = st.sampled_from([0.0, -0.0, 1.0, 0.5, 0.1, 1 / 3, 0.999])
+    cell = st.tuples(count, share, share)
+    interval = st.lists(cell, min_size=3, max_size=3)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(
+        windows=st.lists(st.sampled_from([1, 2, 3]), min_size=1, max_size=3),
+        batches=st.lists(
+            st.lists(st.tuples(st.integers(0, 2), interval), min_size=1, max_size=5),
+            min_size=1,
+            max_size=8,
+        ),
+    )
+    def check(windows, batches):
+        dets = [CalibrationDrift(n_bins=3, window_intervals=w) for w in windows]
+        twins = [CalibrationDrift.from_state(d.to_state()) for d in dets]
+        for batch in batches:
+            picks = [
+                (i % len(dets), [[c, c * a, c * b] for c, a, b in cells]) for i, cells in batch
+            ]
+            rows = [np.array(cells).T for _, cells in picks]  # (3, n_bins): n, e, o
+            CalibrationDrift.update_many(
+                [dets[i] for i, _ in picks], *(np.array([r[j] for r in rows]) for j in range(3))
+            )
+            for (i, _), r in zip(picks, rows, strict=True):
+                twins[i].update(*r)
+            assert [exact(d) for d in dets] == [exact(t) for t in twins]
+
+    check()
+
+
+def test_update_many_feeds_from_state_and_update():
+    # A detector updated in batches writes states that load and go on alike, singly or batched.
+    rng = np.random.default_rng(97)
+    batches = list(calibration_stream(rng, 60))
+    det = CalibrationDrift(expected_run_length=100, window_intervals=5)
+    for b in batches[:33]:
+        CalibrationDrift.update_many([det], *([col] for col in b))
+    single = CalibrationDrift.from_state(json.loads(json.dumps(det.to_state())))
+    batched = CalibrationDrift.from_state(json.loads(json.dumps(det.to_state())))
+    assert exact(single) == exact(det)
+    for b in batches[33:]:
+        det.update(*b)
+        single.update(*b)
+        CalibrationDrift.update_many([batched], *([col] for col in b))
+        assert exact(single) == exact(det) == exact(batched)
+
+
+@pytest.mark.parametrize(
+    ("counts", "psum", "ysum", "match"),
+    [
+        ([1, 1], [0.5, float("nan")], [0, 0], "finite"),
+        ([1, float("inf")], [0.5, 0.5], [0, 0], "finite"),
+        ([1e308, 1e308], [0.5, 0.5], [0, 0], "finite"),  # the interval's total overflows
+        ([1, 1], [-0.5, 0.5], [0, 0], "finite"),
+        ([1, -1], [0.5, 0.0], [0, 0], "finite"),
+        ([1, 0], [0.5, 0.5], [0, 0], "exceed"),
+        ([1, 1], [0.5, 0.5], [0, 2], "exceed"),
+    ],
+)
+def test_update_many_refuses_a_bad_row_and_changes_nothing(counts, psum, ysum, match):
+    dets = [CalibrationDrift(n_bins=2, window_intervals=w) for w in (1, 3, 3)]
+    for _ in range(3):  # full windows: the next update starts a new block
+        for det in dets:
+            det.update([10, 10], [2.0, 7.0], [3, 6])
+    before = [exact(d) for d in dets]
+    good = ([10, 10], [2.0, 7.0], [3, 6])
+    # the bad row last, after a detector listed twice: still nothing changes
+    batch = [dets[0], dets[1], dets[1], dets[2]]
+    rows = [good, good, good, (counts, psum, ysum)]
+    with pytest.raises(ValueError, match=rf"^row 3: .*{match}"):
+        CalibrationDrift.update_many(batch, *([r[j] for r in rows] for j in range(3)))
+    assert [exact(d) for d in dets] == before
+    with pytest.raises(ValueError, match=rf"^row 0: .*{match}"):
+        CalibrationDrift.update_many(dets[:1], [counts], [psum], [ysum])
+    assert [exact(d) for d in dets] == before
+
+
+def test_an_overflowing_window_total_is_refused_singly_and_in_batches():
+    # Each interval's count is finite but the window's is not: update() refused it (it used
+    # to raise OverflowError after moving the window); the batch refuses the same row.
+    det = CalibrationDrift(n_bins=1, window_intervals=2)
+    det.update([1e308], [0.0], [0.0])
+    before = exact(det)
+    # (numpy warns of the overflow in the window's sums that update() then refuses)
+    with (
+        pytest.raises(ValueError, match="window's total count overflows"),
+        np.errstate(over="ignore"),
+    ):
+        det.update([1e308], [0.0], [0.0])
+    assert exact(det) == before
+    other = CalibrationDrift(n_bins=1, window_intervals=2)
+    with pytest.raises(ValueError, match=r"^row 1: .*window's total count overflows"):
+        CalibrationDrift.update_many([other, det], [[1.0], [1e308]], [[0.5], [0.0]], [[1.0], [0]])
+    assert exact(det) == before and other.count == 0
+    # this check depends on the window, so it is made per run of distinct detectors: the run
+    # before a detector's second update is applied (documented)
+    with pytest.raises(ValueError, match=r"^row 2: "):
+        CalibrationDrift.update_many(
+            [other, other, det], [[1.0], [1.0], [1e308]], [[0.5]] * 3, [[1.0]] * 3
+        )
+    assert other.count == 1 and exact(det) == before
+
+
+def test_update_many_refuses_inputs_of_the_wrong_shape():
+    dets = [CalibrationDrift(n_bins=2), CalibrationDrift(n_bins=2, window_intervals=1)]
+    before = [exact(d) for d in dets]
+    good = [[1, 1], [1, 1]]
+    for bad in ([[1, 1]], [[1, 1, 1], [1, 1, 1]], [[1, 1], [1]], [1, 1], [["a", "b"], [1, 1]]):
+        with pytest.raises(ValueError, match=r"counts must be a \(len\(detectors\), n_bins\)"):
+            CalibrationDrift.update_many(dets, bad, good, good)
+        with pytest.raises(ValueError, match=r"outcome_sums must be a \(len"):
+            CalibrationDrift.update_many(dets, good, good, bad)
+    with pytest.raises(ValueError, match="once per n_bins"):
+        CalibrationDrift.update_many([*dets, CalibrationDrift(n_bins=3)], good, good, good)
+    with pytest.raises(ValueError, match="CalibrationDrift instances"):
+        CalibrationDrift.update_many([dets[0], object()], good, good, good)
+    with pytest.raises(ValueError, match="one row per detector"):
+        CalibrationDrift.update_many([], [[1, 1]], [], [])
+    CalibrationDrift.update_many([], [], [], [])
+    assert [exact(d) for d in dets] == before
+
+
+def test_vectorised_chi2_sf_int_is_the_scalar_one_bit_for_bit():
+    from armguard.detectors._calibration import chi2_sf_int
+    from armguard.detectors.calibration_drift import _chi2_sf_int_many
+
+    rng = np.random.default_rng(98)
+    ks = np.arange(1, 251)
+    edges = [0.0, -1.0, 5e-324, 1e-300, 1e-6, 0.5, 1e4, 1e308, math.inf]
+    x = np.concatenate([np.repeat(edges, ks.size), rng.random(ks.size * 8) * 3 * 251])
+    k = np.concatenate([np.tile(ks, len(edges)), rng.integers(1, 251, ks.size * 8)])
+    with np.errstate(all="ignore"):
+        got = _chi2_sf_int_many(x, k).tolist()
+    expect = [chi2_sf_int(xi, ki) for xi, ki in zip(x.tolist(), k.tolist(), strict=True)]
+    assert [v.hex() for v in got] == [v.hex() for v in expect]
+
+
+def cpython_sum(values):
+    """CPython 3.12's sum() of floats from int 0 (Neumaier's compensated sum), in Python."""
+    f, c = 0.0 + values[0], 0.0
+    for x in values[1:]:
+        t = f + x
+        c += (f - t) + x if abs(f) >= abs(x) else (x - t) + f
+        f = t
+    return f + c if c and math.isfinite(c) else f
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_bin_sums_are_those_of_update(monkeypatch, compensated):
+    # The first rows as this interpreter's sum() adds (plain before 3.12, Neumaier's after:
+    # both forms checked, whichever runs here), the others as ``gap += ...`` does.
+    from armguard.detectors import calibration_drift
+
+    native = calibration_drift._COMPENSATED_SUM
+    monkeypatch.setattr(calibration_drift, "_COMPENSATED_SUM", compensated)
+    rng = np.random.default_rng(99)
+    cols = rng.choice([0.0, -0.0, 1.0, 1e-16, 1e100, 3.3, 1e308, 7e307], size=(4, 6, 200))
+    cols *= rng.choice([1.0, 1.0, 1.0, -1.0], size=cols.shape)
+    cols[:, :, :3] = -0.0  # sum() starts from int 0: 0 + -0.0 is 0.0
+    with np.errstate(all="ignore"):
+        got = calibration_drift._sequential_sums(cols, 2)
+    for r in range(4):
+        for i in range(cols.shape[2]):
+            values = cols[r, :, i].tolist()
+            if r < 2 and compensated:
+                expect = cpython_sum(values)
+            else:
+                expect = 0.0
+                for v in values:
+                    expect += v
+            assert got[r, i].hex() == expect.hex() or (math.isnan(expect) and math.isnan(got[r, i]))
+    if compensated == native:
+        # and this interpreter's own sum() is the form it uses
+        for i in range(cols.shape[2]):
+            s = sum(cols[0, :, i].tolist())
+            assert got[0, i].hex() == s.hex() or (math.isnan(s) and math.isnan(got[0, i]))
