@@ -371,6 +371,45 @@ def test_update_many_in_chunks_equals_update():
     assert sum(d.n_alarms for d in dets) > 50
 
 
+@pytest.mark.parametrize("distance", ["psi", "ks"])
+def test_update_many_one_distance_batch_equals_batches_of_one(distance):
+    # A batch of one distance decides without _decide (inlined, see _evaluate_keyed): bit for
+    # bit what a batch of one decides with it (PSI and KS alone: the single-pair forms equal to
+    # the batch), with min_effect, hysteresis, onsets and clears; 300 detectors, one listed
+    # again after the first chunk of 256 (its first update evaluated before its second).
+    rng = np.random.default_rng(12)
+    pool = [
+        Summary.from_values(rng.lognormal(0.25 * (i % 3), 1.0, int(rng.choice([50, 300]))))
+        for i in range(30)
+    ]
+    batched = [
+        WindowDrift(
+            expected_run_length=float(rng.choice([20.0, 10_000.0])),
+            reference_intervals=3,
+            window_intervals=2,
+            distance=distance,
+            min_effect=float(rng.choice([0.0, 0.05, 0.2])),
+            clear_fraction=float(rng.choice([0.0, 0.5, 1.0])),
+        )
+        for _ in range(300)
+    ]
+    alone = copy.deepcopy(batched)
+    clears = 0
+    for step in range(14):
+        was = [d.in_alarm for d in batched]
+        # Early steps take the general path (windows filling), later ones the inlined step.
+        order = [*range(300), 7]
+        xs = [pool[(3 * j + step * (1 + j % 4)) % 30] for j in order]
+        WindowDrift.update_many([batched[j] for j in order], xs)
+        for j, x in zip(order, xs, strict=True):
+            WindowDrift.update_many([alone[j]], [x])
+        for a, b, before in zip(alone, batched, was, strict=True):
+            assert result(a) == result(b)
+            assert a.to_state() == b.to_state()
+            clears += before and not b.in_alarm
+    assert sum(d.n_alarms for d in batched) > 80 and clears > 50
+
+
 # -- pinned results: the figures of the code before the batch's flat window maintenance -------
 
 # A keyed state written before the flat window maintenance (reference 2, window 2, a zero
