@@ -10,8 +10,9 @@ Prints markdown tables (paste into bench/README.md, section "Drift and anomaly")
 3. anomaly detection on a seasonal series (SeasonalZScore);
 4. histogram drift and calibration drift: false alarms per 10,000 evaluations and cost (WindowDrift
    also on Summaries, the daemon's input, with and without a snapshot after each update);
-5. batched histogram drift (``--only batched``): ``TwoSampleDrift.update_many`` and
-   ``WindowDrift.update_many`` per-update cost by batch size, and the evaluate engine's drift
+5. batched histogram drift (``--only batched``): ``TwoSampleDrift.update_many``,
+   ``WindowDrift.update_many`` and ``CalibrationDrift.update_many`` per-update cost by batch
+   size (the last alone: ``--only calibration-batched``), and the evaluate engine's drift
    cost when thousands of experiments tick at once (``Engine.apply_summaries``).
 
 Run: ``.venv/bin/python bench/drift.py`` (about a minute on one core; ``--quick`` for a smoke
@@ -448,6 +449,7 @@ def bench_batched(quick: bool) -> None:
 
         _print_batch_costs(size, k, dets, rounds, one_round)
     bench_window_batched(quick)
+    bench_calibration_batched(quick)
     bench_engine_batched(quick, "control")
     bench_engine_batched(quick, "reference")
 
@@ -476,6 +478,47 @@ def bench_window_batched(quick: bool) -> None:
                     det.update(x)
             else:
                 WindowDrift.update_many(dets, inputs[r])
+
+        _print_batch_costs(size, k, dets, rounds, one_round)
+
+
+def calibration_intervals(rng: np.random.Generator, rounds: int, k: int) -> list[tuple]:
+    """``rounds`` batches of ``k`` intervals of 300 labelled predictions of a calibrated model
+    in 10 bins, each batch as (counts, prediction sums, outcome sums) (k, 10) arrays."""
+    p = rng.beta(2, 5, size=(rounds, k, 300))
+    y = rng.random(p.shape) < p
+    idx = np.minimum((p * 10).astype(np.int64), 9)
+    flat = (idx + 10 * np.arange(rounds * k).reshape(rounds, k, 1)).ravel()
+    size = rounds * k * 10
+    shape = (rounds, k, 10)
+    c = np.bincount(flat, minlength=size).reshape(shape).astype(float)
+    e = np.bincount(flat, weights=p.ravel(), minlength=size).reshape(shape)
+    o = np.bincount(flat, weights=y.ravel(), minlength=size).reshape(shape)
+    return [(c[r], e[r], o[r]) for r in range(rounds)]
+
+
+def bench_calibration_batched(quick: bool) -> None:
+    """CalibrationDrift.update_many by batch size (default 12-interval windows, full)."""
+    print(
+        "\nCalibrationDrift (10 bins, default 12-interval window, full: every update moves it; "
+        "300 labelled predictions of a calibrated model per interval), CPU time per detector "
+        "update, inputs built outside the timed loop, best of 5; single = update() one "
+        "detector at a time.\n"
+    )
+    rng = np.random.default_rng(405)
+    for size, k, rounds in _batch_sizes(quick):
+        dets = [CalibrationDrift(expected_run_length=ARL) for _ in range(k)]
+        for args in calibration_intervals(rng, 13, k):  # fill the windows
+            CalibrationDrift.update_many(dets, *args)
+        inputs = calibration_intervals(rng, rounds, k)
+
+        def one_round(r: int, dets: list = dets, inputs: list = inputs, size: Any = size) -> None:
+            counts, psums, osums = inputs[r]
+            if size == "single":
+                for det, c, e, o in zip(dets, counts, psums, osums, strict=True):
+                    det.update(c, e, o)
+            else:
+                CalibrationDrift.update_many(dets, counts, psums, osums)
 
         _print_batch_costs(size, k, dets, rounds, one_round)
 
@@ -642,7 +685,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small run counts (smoke test)")
     parser.add_argument(
         "--only",
-        choices=["streams", "anomaly", "histograms", "batched"],
+        choices=["streams", "anomaly", "histograms", "batched", "calibration-batched"],
         help="run one section only",
     )
     args = parser.parse_args()
@@ -658,6 +701,8 @@ def main() -> None:
         bench_histograms(evaluations=200 if quick else 10_000)
     if args.only in (None, "batched"):
         bench_batched(quick)
+    if args.only == "calibration-batched":
+        bench_calibration_batched(quick)
 
 
 if __name__ == "__main__":

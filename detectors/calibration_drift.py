@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any, NoReturn
 
 import numpy as np
@@ -23,6 +24,7 @@ _less_equal = np.less_equal
 _accumulate = np.add.accumulate
 _INF = math.inf
 _NAMES = ("counts", "prediction_sums", "outcome_sums")
+_n_bins_of = attrgetter("n_bins")
 _Row = tuple[list[float], list[float], list[float]]  # counts, prediction sums, outcome sums
 _Slot = tuple[np.ndarray, ...]  # views of a buffer slot (see `CalibrationDrift._slot`)
 
@@ -321,15 +323,17 @@ class CalibrationDrift(_EdgeAlarm):
                 if len(value):
                     raise ValueError(f"{name} must have one row per detector: got 0 detectors")
             return
+        if set(map(type, dets)) != {CalibrationDrift}:  # (one set, not a loop: thousands)
+            for det in dets:
+                if not isinstance(det, CalibrationDrift):
+                    raise ValueError(f"detectors must be CalibrationDrift instances, got {det!r}")
+        widths = set(map(_n_bins_of, dets))
+        if len(widths) > 1:
+            raise ValueError(
+                f"update_many takes detectors of one n_bins, got {sorted(widths)}: call it "
+                "once per n_bins"
+            )
         n_bins = dets[0].n_bins
-        for det in dets:
-            if not isinstance(det, CalibrationDrift):
-                raise ValueError(f"detectors must be CalibrationDrift instances, got {det!r}")
-            if det.n_bins != n_bins:
-                raise ValueError(
-                    f"update_many takes detectors of one n_bins, got {n_bins} and "
-                    f"{det.n_bins}: call it once per n_bins"
-                )
         # The intervals as one (K, 3, n_bins) float64 array, cast as update() casts them.
         rows = np.empty((size, 3, n_bins))
         for j, (name, value) in enumerate(
@@ -359,6 +363,9 @@ class CalibrationDrift(_EdgeAlarm):
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             _refuse(dets[i], rows[i], i)
+        if len(set(map(id, dets))) == size:  # distinct detectors: one run
+            _update_run(dets, rows, 0)
+            return
         # Runs of distinct detectors, in order: a detector listed twice starts a new run.
         first = 0
         seen: set[int] = set()
@@ -630,7 +637,7 @@ def _sequential_sums(columns: np.ndarray, compensated: int) -> np.ndarray:
 def _map(function: Callable[[float], float], values: np.ndarray) -> np.ndarray:
     """``function`` (a ``math`` one) on every value: numpy's exp, erfc and log10 may round
     differently from the C library's that ``update`` calls."""
-    return np.array(list(map(function, values.tolist())))
+    return np.fromiter(map(function, values.tolist()), _F64, values.shape[0])
 
 
 def _chi2_sf_int_many(x: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -757,12 +764,9 @@ def _update_run(dets: list[CalibrationDrift], rows: np.ndarray, offset: int) -> 
             det._window = [tuple(rows[i].tolist())]
         else:
             det._start, det._end, det._back = plan
-            # into the detector's own spare array, as update() does (a view of the batch's
-            # array would keep all of it alive)
-            spare = det._spare
-            spare[...] = front
-            det._spare = det._front
-            det._front = spare
+            # into the detector's own array, in place now that nothing can be refused (a view
+            # of the batch's array would keep all of it alive)
+            det._front[...] = front
         det._count = round(c)
         in_alarm = det._in_alarm
         if c == 0.0:
