@@ -156,6 +156,23 @@ def test_keyed_copies_the_stores():
     assert det.to_state() == twin.to_state()
 
 
+def test_update_many_copies_the_stores():
+    # The same in a batch, whose common step (windows complete, keys the layout holds) takes
+    # the arriving counts itself: a Summary updated after the batch does not reach a detector.
+    rng = np.random.default_rng(4)
+    dets = [WindowDrift(reference_intervals=2, window_intervals=2) for _ in range(10)]
+    twins = copy.deepcopy(dets)
+    for _ in range(8):
+        xs = [Summary.from_values(rng.lognormal(0, 1, 200)) for _ in dets]
+        WindowDrift.update_many(dets, xs)
+        WindowDrift.update_many(twins, [x.copy() for x in xs])
+        for x in xs:
+            x.update_many(np.full(500, 1.0))  # keys it holds: its counts change in place
+        for det, twin in zip(dets, twins, strict=True):
+            assert result(det) == result(twin)
+            assert det.to_state() == twin.to_state()
+
+
 def test_layout_of_keys_is_laid_out_afresh_when_mostly_empty():
     # The window climbs far above the reference, comes back, then falls far below it: the
     # keys it left are empty in both windows, so the layout is rebuilt around the keys held
