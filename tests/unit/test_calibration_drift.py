@@ -533,17 +533,30 @@ def as_batch_input(rng, intervals):
     return [[iv[j] for iv in intervals] for j in range(3)]
 
 
+@pytest.fixture
+def vectorised(monkeypatch):
+    """update_many takes its vectorised pass however small the batch."""
+    from armguard.detectors import calibration_drift
+
+    monkeypatch.setattr(calibration_drift, "_SMALL", 0)
+
+
+@pytest.mark.parametrize("small", [0, 32])
 @pytest.mark.parametrize(("n_bins", "seed"), [(10, 1), (4, 2), (1, 3)])
-def test_update_many_is_update_one_by_one_bit_for_bit(n_bins, seed):
+def test_update_many_is_update_one_by_one_bit_for_bit(monkeypatch, n_bins, seed, small):
     # Detectors of mixed windows (1 to 12, so buffers roll over and blocks switch at
     # different steps), run lengths and clear fractions, each fed its own pinned stream
     # (calibrated and over-predicting spells, raw float intervals, empty bins, signed zeros,
     # refused intervals). Each step is a batch (random detectors, repeats included, in random
-    # order), a single update() of one detector, or a detector replaced by one restored from
-    # its JSON state; its twin gets the same intervals through update() one by one.
-    # Everything they report and store is compared exactly after every step.
+    # order, 1 to 50 rows: with small=32, the default, those under 32 rows go through update()
+    # one by one after the checks), a single update() of one detector, or a detector replaced
+    # by one restored from its JSON state; its twin gets the same intervals through update()
+    # one by one. Everything they report and store is compared exactly after every step.
+    from armguard.detectors import calibration_drift
+
+    monkeypatch.setattr(calibration_drift, "_SMALL", small)
     rng = np.random.default_rng(90 + seed)
-    windows = [1, 2, 3, 5, 12, 12, 4]
+    windows = [1, 2, 3, 5, 12, 12, 4] * 4
     dets = [
         CalibrationDrift(
             expected_run_length=[50.0, 200.0, 10_000.0][i % 3],
@@ -555,24 +568,27 @@ def test_update_many_is_update_one_by_one_bit_for_bit(n_bins, seed):
     ]
     twins = [CalibrationDrift.from_state(d.to_state()) for d in dets]
     streams = [
-        pinned_stream(np.random.default_rng(1000 * seed + i), 10**6, n_bins) for i in range(7)
+        pinned_stream(np.random.default_rng(1000 * seed + i), 10**6, n_bins)
+        for i in range(len(dets))
     ]
-    seen = {"repeats": 0, "refused": 0, "singles": 0, "restored": 0}
-    for _step in range(160):
+    seen = {"repeats": 0, "refused": 0, "singles": 0, "restored": 0, "vectorised": 0}
+    updates = [0] * len(dets)
+    for _step in range(90):
         action = rng.random()
         if action < 0.1:
-            i = int(rng.integers(7))
+            i = int(rng.integers(len(dets)))
             dets[i] = CalibrationDrift.from_state(json.loads(json.dumps(dets[i].to_state())))
             seen["restored"] += 1
         elif action < 0.25:
-            i = int(rng.integers(7))
+            i = int(rng.integers(len(dets)))
             interval = next(streams[i])
             if refusal(interval, n_bins) is None:
                 dets[i].update(*interval)
                 twins[i].update(*interval)
+                updates[i] += 1
                 seen["singles"] += 1
         else:
-            idx = rng.integers(0, 7, size=int(rng.integers(1, 15))).tolist()
+            idx = rng.integers(0, len(dets), size=int(rng.integers(1, 51))).tolist()
             seen["repeats"] += len(idx) > len(set(idx))
             intervals = [next(streams[i]) for i in idx]
             errors = [refusal(iv, n_bins) for iv in intervals]
@@ -591,15 +607,18 @@ def test_update_many_is_update_one_by_one_bit_for_bit(n_bins, seed):
                 idx = [idx[k] for k in keep]
                 intervals = [intervals[k] for k in keep]
             CalibrationDrift.update_many([dets[i] for i in idx], *as_batch_input(rng, intervals))
+            seen["vectorised"] += len(idx) >= small
             for i, interval in zip(idx, intervals, strict=True):
                 twins[i].update(*interval)
+                updates[i] += 1
         for det, twin in zip(dets, twins, strict=True):
             assert exact(det) == exact(twin), _step
     assert min(seen.values()) > 0, seen
     assert sum(t.n_alarms for t in twins) > 0
-    assert min(t.count for t in twins) > 0
+    assert min(updates) > 25  # every buffer has rolled over (2 x 12 slots at most)
 
 
+@pytest.mark.usefixtures("vectorised")
 def test_update_many_results_do_not_depend_on_the_batch():
     # One detector's updates, alone and inside batches of other detectors' updates.
     rng = np.random.default_rng(95)
@@ -617,6 +636,7 @@ def test_update_many_results_do_not_depend_on_the_batch():
     assert alone.n_alarms > 0
 
 
+@pytest.mark.usefixtures("vectorised")
 def test_update_many_hypothesis_small_batches():
     from hypothesis import given, settings
     from hypothesis import strategies as st
@@ -653,6 +673,7 @@ def test_update_many_hypothesis_small_batches():
     check()
 
 
+@pytest.mark.usefixtures("vectorised")
 def test_update_many_feeds_from_state_and_update():
     # A detector updated in batches writes states that load and go on alike, singly or batched.
     rng = np.random.default_rng(97)
@@ -682,7 +703,13 @@ def test_update_many_feeds_from_state_and_update():
         ([1, 1], [0.5, 0.5], [0, 2], "exceed"),
     ],
 )
-def test_update_many_refuses_a_bad_row_and_changes_nothing(counts, psum, ysum, match):
+@pytest.mark.parametrize("small", [0, 32])
+def test_update_many_refuses_a_bad_row_and_changes_nothing(
+    monkeypatch, counts, psum, ysum, match, small
+):
+    from armguard.detectors import calibration_drift
+
+    monkeypatch.setattr(calibration_drift, "_SMALL", small)
     dets = [CalibrationDrift(n_bins=2, window_intervals=w) for w in (1, 3, 3)]
     for _ in range(3):  # full windows: the next update starts a new block
         for det in dets:
@@ -700,25 +727,36 @@ def test_update_many_refuses_a_bad_row_and_changes_nothing(counts, psum, ysum, m
     assert [exact(d) for d in dets] == before
 
 
-def test_an_overflowing_window_total_is_refused_singly_and_in_batches():
-    # Each interval's count is finite but the window's is not: update() refused it (it used
-    # to raise OverflowError after moving the window); the batch refuses the same row.
+def test_an_overflowing_window_total_is_refused_singly_and_in_batches(monkeypatch):
+    # Each interval's count is finite but the window's is not: update() refuses it (it used
+    # to raise OverflowError after moving the window); a batch refuses the same row. (numpy
+    # warns of the overflow in the window's sums that update() then refuses.)
+    from armguard.detectors import calibration_drift
+
     det = CalibrationDrift(n_bins=1, window_intervals=2)
     det.update([1e308], [0.0], [0.0])
     before = exact(det)
-    # (numpy warns of the overflow in the window's sums that update() then refuses)
     with (
         pytest.raises(ValueError, match="window's total count overflows"),
         np.errstate(over="ignore"),
     ):
         det.update([1e308], [0.0], [0.0])
     assert exact(det) == before
+    for small, applied in [(0, 0), (32, 1)]:
+        # vectorised: refused before any change; a small batch (update() row by row): the
+        # rows before it applied (documented)
+        monkeypatch.setattr(calibration_drift, "_SMALL", small)
+        other = CalibrationDrift(n_bins=1, window_intervals=2)
+        with pytest.raises(ValueError, match=r"^row 1: .*window's total count overflows"):
+            with np.errstate(over="ignore"):
+                CalibrationDrift.update_many(
+                    [other, det], [[1.0], [1e308]], [[0.5], [0.0]], [[1.0], [0]]
+                )
+        assert exact(det) == before and other.count == applied
+    # vectorised, this check is made per run of distinct detectors: the run before a
+    # detector's second update is applied (documented)
+    monkeypatch.setattr(calibration_drift, "_SMALL", 0)
     other = CalibrationDrift(n_bins=1, window_intervals=2)
-    with pytest.raises(ValueError, match=r"^row 1: .*window's total count overflows"):
-        CalibrationDrift.update_many([other, det], [[1.0], [1e308]], [[0.5], [0.0]], [[1.0], [0]])
-    assert exact(det) == before and other.count == 0
-    # this check depends on the window, so it is made per run of distinct detectors: the run
-    # before a detector's second update is applied (documented)
     with pytest.raises(ValueError, match=r"^row 2: "):
         CalibrationDrift.update_many(
             [other, other, det], [[1.0], [1.0], [1e308]], [[0.5]] * 3, [[1.0]] * 3
@@ -726,7 +764,11 @@ def test_an_overflowing_window_total_is_refused_singly_and_in_batches():
     assert other.count == 1 and exact(det) == before
 
 
-def test_update_many_refuses_inputs_of_the_wrong_shape():
+@pytest.mark.parametrize("small", [0, 32])
+def test_update_many_refuses_inputs_of_the_wrong_shape(monkeypatch, small):
+    from armguard.detectors import calibration_drift
+
+    monkeypatch.setattr(calibration_drift, "_SMALL", small)
     dets = [CalibrationDrift(n_bins=2), CalibrationDrift(n_bins=2, window_intervals=1)]
     before = [exact(d) for d in dets]
     good = [[1, 1], [1, 1]]
