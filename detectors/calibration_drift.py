@@ -358,9 +358,11 @@ class CalibrationDrift(_EdgeAlarm):
             try:
                 column = np.asarray(value, dtype=_F64)
             except (TypeError, ValueError):
-                column = None  # ragged or not numbers: named below
+                column = None  # ragged, or not numbers: named below
             if column is None or column.shape != (size, n_bins):
-                shape = "ragged" if column is None else column.shape
+                shape = (
+                    "rows numpy cannot read as one float array" if column is None else column.shape
+                )
                 raise ValueError(
                     f"{name} must be a (len(detectors), n_bins) = ({size}, {n_bins}) array, "
                     f"got {shape}"
