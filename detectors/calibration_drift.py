@@ -273,10 +273,11 @@ class CalibrationDrift(_EdgeAlarm):
         ``i``, with a fixed number of numpy calls per batch.
 
         Thousands of arms are evaluated at the same interval boundary: here each detector
-        only takes its interval into its window in Python (its buffer slot and, every
-        ``window_intervals`` updates, the older block's sums); the window totals, the
-        statistics over the bins, the p-values and the scores are computed for the whole
-        batch at once. Every detector's results and state are those of ``update()`` bit for
+        only takes its interval into its window, with two small numpy calls of its own (the
+        interval into its buffer slot, the newer block's new sum into its array; every
+        ``window_intervals`` updates one more for the older block's sums); the window
+        totals, the statistics over the bins, the p-values and the scores are computed for
+        the whole batch at once. Every detector's results and state are those of ``update()`` bit for
         bit (the same IEEE operations in the same order, the bins added one after the other
         as ``update()`` adds them, ``exp``, ``erfc`` and ``log10`` from ``math``), so a
         detector's results do not depend on the rest of the batch, and single and batched
