@@ -541,8 +541,9 @@ def vectorised(monkeypatch):
     monkeypatch.setattr(calibration_drift, "_SMALL", 0)
 
 
-@pytest.mark.parametrize("small", [0, 32])
-@pytest.mark.parametrize(("n_bins", "seed"), [(10, 1), (4, 2), (1, 3)])
+@pytest.mark.parametrize(
+    ("n_bins", "seed", "small"), [(10, 1, 0), (4, 2, 0), (1, 3, 0), (10, 4, 32), (3, 5, 32)]
+)
 def test_update_many_is_update_one_by_one_bit_for_bit(monkeypatch, n_bins, seed, small):
     # Detectors of mixed windows (1 to 12, so buffers roll over and blocks switch at
     # different steps), run lengths and clear fractions, each fed its own pinned stream
