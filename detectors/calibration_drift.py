@@ -621,6 +621,15 @@ class CalibrationDrift(_EdgeAlarm):
         det._load_edge_state(state)
         return det
 
+    def __reduce__(self) -> tuple[Callable[[dict], CalibrationDrift], tuple[dict]]:
+        # The detector holds numpy views of its own arrays (`_rows`, `_slots`, `_suffix_views`,
+        # `_suffix_back`, `_checked_out` over a bytearray): copy.deepcopy and pickle would copy
+        # each view as an array of its own, and the copy would write new intervals where its
+        # window no longer reads them and take input `update` refuses; copy.copy would share
+        # the arrays with the original. Copies and pickles go through the state instead, which
+        # rebuilds them (the round trip is exact).
+        return type(self).from_state, (self.to_state(),)
+
 
 # Python's sum() of floats: a plain left-to-right sum up to 3.11, Neumaier's compensated sum
 # from 3.12 (gh-100425). `update` sums the window's totals with sum(); the batch replicates

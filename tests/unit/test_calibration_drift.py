@@ -1,6 +1,8 @@
+import copy
 import hashlib
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -855,3 +857,40 @@ def test_stacked_is_np_array_for_any_layout():
     for arrays in (contiguous, strided):
         got = _stacked(arrays, (5, 3, 4))
         assert got.shape == (5, 3, 4) and np.array_equal(got, np.array(arrays))
+
+
+@pytest.mark.parametrize("window_intervals", [1, 3, 12])
+def test_copies_and_pickles_are_detectors_of_their_own_that_go_on_alike(
+    monkeypatch, window_intervals
+):
+    # A detector holds numpy views of its own arrays (the window's rows, the slots, the older
+    # block's sums, the check's result over a bytearray). copy.deepcopy and pickle used to copy
+    # each view as an array of its own: the copy then wrote new intervals where its window no
+    # longer read them and took input update() refuses, silently; copy.copy shared the arrays
+    # with the original. Each copy must go on as the original does, singly and in batches,
+    # refuse what it refuses, and leave the original alone.
+    from armguard.detectors import calibration_drift
+
+    monkeypatch.setattr(calibration_drift, "_SMALL", 0)  # the batch's vectorised pass
+    rng = np.random.default_rng(101)
+    batches = list(calibration_stream(rng, 200))  # over-predicting from 120
+    det = CalibrationDrift(expected_run_length=100, window_intervals=window_intervals)
+    for b in batches[: window_intervals + 2]:  # inside a block, the buffer partly used
+        det.update(*b)
+    copies = [copy.deepcopy(det), copy.copy(det), pickle.loads(pickle.dumps(det))]
+    batched = copy.deepcopy([det, det])[0]
+    for c in copies:
+        assert type(c) is CalibrationDrift and exact(c) == exact(det)
+    for b in batches[window_intervals + 2 :]:
+        det.update(*b)
+        for c in copies:
+            c.update(*b)
+        CalibrationDrift.update_many([batched], *([col] for col in b))
+        assert [exact(c) for c in [*copies, batched]] == [exact(det)] * 4
+    assert det.n_alarms > 0
+    before = exact(det)
+    for c in [*copies, batched]:
+        with pytest.raises(ValueError, match="exceed"):
+            c.update([1] * 10, [2.0] * 10, [0] * 10)
+        c.update(*batches[0])
+    assert exact(det) == before
