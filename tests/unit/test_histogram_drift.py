@@ -603,6 +603,60 @@ def test_update_many_applies_a_detector_listed_twice_in_order():
     assert (batched.in_alarm, batched.alarm) == (single.in_alarm, single.alarm) == (False, False)
 
 
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_update_many_one_distance_batch_of_summaries_equals_batches_of_one(distance):
+    # Summaries of one distance (the daemon's batch) take update_many's inlined decision
+    # (_decide_batch): bit for bit what batches of one decide through evaluate_many and
+    # _decide (PSI and KS alone: the single-pair forms equal to the batch), with min_effect,
+    # hysteresis, onsets, clears, an empty side (held) and a detector listed twice, across
+    # the chunk boundary of the vectorised pass (300 detectors).
+    rng = np.random.default_rng(37)
+    pool = [
+        Summary.from_values(
+            rng.lognormal(0.3 * (i % 3), 1.0, int(rng.choice([0, 60, 400]) if i else 0))
+        )
+        for i in range(25)
+    ]
+    batched = [
+        TwoSampleDrift(
+            distance=distance,
+            expected_run_length=float(rng.choice([20.0, 1e4])),
+            min_expected=float(rng.choice([1.0, 5.0])),
+            max_bins=int(rng.choice([5, 20])),
+            min_effect=float(rng.choice([0.0, 0.02, 0.2])),
+            clear_fraction=float(rng.choice([0.0, 0.5, 1.0])),
+        )
+        for _ in range(300)
+    ]
+    alone = [TwoSampleDrift.from_state(d.to_state()) for d in batched]
+    held = clears = 0
+    for step in range(12):
+        for j in range(step % 3, 300, 37):  # singly first: these keep their pair (_pair)
+            pair = (pool[(j + step) % 25], pool[(2 * j + 1) % 25])
+            TwoSampleDrift.update_many([batched[j]], [pair])
+            TwoSampleDrift.update_many([alone[j]], [pair])
+        was = [d.in_alarm for d in batched]
+        order = [*range(300), 7]
+        pairs = [
+            (pool[(3 * j + step * (1 + j % 4)) % 25], pool[(5 * j + 2 * step + 1) % 25])
+            for j in order
+        ]
+        TwoSampleDrift.update_many([batched[j] for j in order], pairs)
+        evaluated = {}  # detector -> whether its last update in the batch was evaluated
+        for j, pair in zip(order, pairs, strict=True):
+            TwoSampleDrift.update_many([alone[j]], [pair])
+            evaluated[j] = bool(pair[0].count and pair[1].count)
+            held += not evaluated[j]
+        for j, (a, b, before) in enumerate(zip(alone, batched, was, strict=True)):
+            assert (a.alarm, a.in_alarm, a.n_alarms) == (b.alarm, b.in_alarm, b.n_alarms)
+            assert (a.score, a.threshold) == (b.score, b.threshold)
+            assert a.to_state() == b.to_state()
+            if evaluated[j]:  # only the batch's distance, no diagnostics of an older pair
+                assert b.distances == {distance: b.score}
+            clears += before and not b.in_alarm
+    assert sum(d.n_alarms for d in batched) > 80 and clears > 30 and held > 100
+
+
 def test_update_many_with_all_distances_keeps_them_in_the_state():
     rng = np.random.default_rng(35)
     pairs = [random_pair(rng) for _ in range(30)]
