@@ -282,20 +282,23 @@ class CalibrationDrift(_EdgeAlarm):
         as ``update()`` adds them, ``exp``, ``erfc`` and ``log10`` from ``math``), so a
         detector's results do not depend on the rest of the batch, and single and batched
         updates of one detector may be mixed freely. A detector listed twice sees its updates
-        in list order (the batch is cut before its second update). Detectors of different
-        ``expected_run_length``, ``window_intervals`` (1 included) and ``clear_fraction`` may
-        be mixed; all must have the same ``n_bins``, the width of the arrays (call once per
-        ``n_bins`` otherwise). Batches of fewer than 32 rows are checked, then given to
-        ``update()`` one by one: below that the vectorised pass (~100 us of numpy calls
-        however small the batch) costs more than it saves.
+        in list order (the batch is cut into runs of distinct detectors, each run before the
+        next; a run of fewer than 32 rows is given to ``update()`` one by one, as a small
+        batch is, so a batch ordered by detector costs about what ``update()`` does).
+        Detectors of different ``expected_run_length``, ``window_intervals`` (1 included)
+        and ``clear_fraction`` may be mixed; all must have the same ``n_bins``, the width of
+        the arrays (call once per ``n_bins`` otherwise). Batches of fewer than 32 rows are
+        checked, then given to ``update()`` one by one: below that the vectorised pass (~100
+        us of numpy calls however small the batch) costs more than it saves.
 
         Refused input changes nothing: every interval is checked before any detector is
-        updated, and the first refused row raises the ``ValueError`` ``update()`` would raise
-        for it, prefixed with its index (``"row 3: ..."``). The one check that depends on the
-        window, a window total count that overflows float64 (counts near 1.8e308), is made
-        when the windows are summed: per run of distinct detectors (a detector listed twice
-        starts a new run), or per row in a small batch, so the rows before the refused one
-        may then have been applied.
+        updated, and the first row refused on its own raises the ``ValueError`` ``update()``
+        would raise for it, prefixed with its index (``"row 3: ..."``). The one check that
+        depends on the window, a window total count that overflows float64 (counts near
+        1.8e308), is made when the windows are summed: per run of distinct detectors of 32
+        rows or more, or per row in a small batch or a shorter run, so the rows before the
+        refused one may then have been applied (and numpy may warn of the overflow, as in
+        ``update()``).
 
         Parameters
         ----------
@@ -385,17 +388,19 @@ class CalibrationDrift(_EdgeAlarm):
         if len(set(map(id, dets))) == size:  # distinct detectors: one run
             _update_run(dets, rows, 0)
             return
-        # Runs of distinct detectors, in order: a detector listed twice starts a new run.
+        # Runs of distinct detectors, in order: a detector listed twice starts a new run. A run
+        # under `_SMALL` rows goes through update() one by one, as a small batch does (a batch
+        # ordered by detector would otherwise pay the vectorised pass for every row).
         first = 0
         seen: set[int] = set()
         for i, det in enumerate(dets):
             key = id(det)
             if key in seen:
-                _update_run(dets[first:i], rows[first:i], first)
+                _update_rows(dets[first:i], rows[first:i], first)
                 first = i
                 seen = set()
             seen.add(key)
-        _update_run(dets[first:], rows[first:], first)
+        _update_rows(dets[first:], rows[first:], first)
 
     def _slot(self, i: int) -> _Slot:
         """Views of buffer slot ``i``: counts, counts again and counts, prediction sums,
@@ -734,6 +739,18 @@ def _refuse(det: CalibrationDrift, row: np.ndarray, index: int) -> NoReturn:
         det._reject(*row)
     except ValueError as exc:
         raise ValueError(f"row {index}: {exc}") from None
+
+
+def _update_rows(dets: list[CalibrationDrift], rows: np.ndarray, offset: int) -> None:
+    """`_update_run`, or for a run under `_SMALL` rows update() one by one (cheaper there)."""
+    if len(dets) >= _SMALL:
+        _update_run(dets, rows, offset)
+        return
+    for i, (det, row) in enumerate(zip(dets, rows, strict=True)):
+        try:
+            det.update(*row)
+        except ValueError as exc:  # only a window total that overflows
+            raise ValueError(f"row {offset + i}: {exc}") from None
 
 
 def _update_run(dets: list[CalibrationDrift], rows: np.ndarray, offset: int) -> None:

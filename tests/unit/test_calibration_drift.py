@@ -894,3 +894,52 @@ def test_copies_and_pickles_are_detectors_of_their_own_that_go_on_alike(
             c.update([1] * 10, [2.0] * 10, [0] * 10)
         c.update(*batches[0])
     assert exact(det) == before
+
+
+def test_short_runs_of_a_batch_with_repeats_go_through_update(monkeypatch):
+    # A detector listed twice cuts the batch into runs of distinct detectors. A run under 32
+    # rows used to take the vectorised pass all the same (~100 us of numpy calls a run: a
+    # batch ordered by detector, one run a row, cost ~9x update() one by one); such runs go
+    # through update() as small batches do, with the same results. Only runs of 32 rows or
+    # more are vectorised.
+    from armguard.detectors import calibration_drift
+
+    passes = []
+    vectorised = calibration_drift._update_run
+
+    def recorded(dets, rows, offset):
+        passes.append(len(dets))
+        vectorised(dets, rows, offset)
+
+    monkeypatch.setattr(calibration_drift, "_update_run", recorded)
+    rng = np.random.default_rng(102)
+    dets = [CalibrationDrift(expected_run_length=100, window_intervals=w) for w in range(1, 41)]
+    twins = [CalibrationDrift.from_state(d.to_state()) for d in dets]
+    stream = calibration_stream(rng, 10**6)
+    orders = [
+        list(range(40)),  # distinct: one run of 40
+        [0, 1] * 20,  # twenty runs of 2
+        [*range(35), *range(35)],  # two runs of 35
+        sorted([*range(20), *range(20)]),  # ordered by detector: runs of 1 and 2
+        [*range(33), 0, 1, 2],  # a run of 33, then one of 3
+    ]
+    for order in orders * 4:
+        intervals = [next(stream) for _ in order]
+        CalibrationDrift.update_many(
+            [dets[i] for i in order], *([iv[j] for iv in intervals] for j in range(3))
+        )
+        for i, interval in zip(order, intervals, strict=True):
+            twins[i].update(*interval)
+        assert [exact(d) for d in dets] == [exact(t) for t in twins]
+    assert sorted(set(passes)) == [33, 35, 40]
+    assert sum(t.n_alarms for t in twins) > 0
+    # an overflowing window total in a short run: named, the rows before it applied
+    a, b = (CalibrationDrift(n_bins=1, window_intervals=2) for _ in range(2))
+    a.update([1e308], [0.0], [0.0])
+    before = exact(a)
+    with pytest.raises(ValueError, match=r"^row 1: .*window's total count overflows"):
+        with np.errstate(over="ignore"):
+            CalibrationDrift.update_many(
+                [b, a, *[b] * 32], [[1.0], [1e308], *[[1.0]] * 32], [[0.5]] * 34, [[1.0]] * 34
+            )
+    assert exact(a) == before and b.count == 1
