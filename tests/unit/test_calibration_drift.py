@@ -551,15 +551,17 @@ def test_update_many_is_update_one_by_one_bit_for_bit(monkeypatch, n_bins, seed,
     # different steps), run lengths and clear fractions, each fed its own pinned stream
     # (calibrated and over-predicting spells, raw float intervals, empty bins, signed zeros,
     # refused intervals). Each step is a batch (random detectors, repeats included, in random
-    # order, 1 to 50 rows: with small=32, the default, those under 32 rows go through update()
-    # one by one after the checks), a single update() of one detector, or a detector replaced
-    # by one restored from its JSON state; its twin gets the same intervals through update()
-    # one by one. Everything they report and store is compared exactly after every step.
+    # order, 1 to 50 rows, or 32 or more distinct ones: with small=32, the default, batches
+    # and runs of distinct detectors under 32 rows go through update() one by one after the
+    # checks, so there only the distinct ones are vectorised), a single update() of one
+    # detector, or a detector replaced by one restored from its JSON state; its twin gets the
+    # same intervals through update() one by one. Everything they report and store is
+    # compared exactly after every step.
     from armguard.detectors import calibration_drift
 
     monkeypatch.setattr(calibration_drift, "_SMALL", small)
     rng = np.random.default_rng(90 + seed)
-    windows = [1, 2, 3, 5, 12, 12, 4] * 4
+    windows = [1, 2, 3, 5, 12, 12, 4] * 5
     dets = [
         CalibrationDrift(
             expected_run_length=[50.0, 200.0, 10_000.0][i % 3],
@@ -591,7 +593,11 @@ def test_update_many_is_update_one_by_one_bit_for_bit(monkeypatch, n_bins, seed,
                 updates[i] += 1
                 seen["singles"] += 1
         else:
-            idx = rng.integers(0, len(dets), size=int(rng.integers(1, 51))).tolist()
+            if rng.random() < 0.25:
+                size = int(rng.integers(32, len(dets) + 1))
+                idx = rng.permutation(len(dets))[:size].tolist()
+            else:
+                idx = rng.integers(0, len(dets), size=int(rng.integers(1, 51))).tolist()
             seen["repeats"] += len(idx) > len(set(idx))
             intervals = [next(streams[i]) for i in idx]
             errors = [refusal(iv, n_bins) for iv in intervals]
@@ -610,7 +616,7 @@ def test_update_many_is_update_one_by_one_bit_for_bit(monkeypatch, n_bins, seed,
                 idx = [idx[k] for k in keep]
                 intervals = [intervals[k] for k in keep]
             CalibrationDrift.update_many([dets[i] for i in idx], *as_batch_input(rng, intervals))
-            seen["vectorised"] += len(idx) >= small
+            seen["vectorised"] += len(idx) >= small and len(set(idx)) == len(idx)
             for i, interval in zip(idx, intervals, strict=True):
                 twins[i].update(*interval)
                 updates[i] += 1
