@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._histogram_batch import _SMALL, batch_distances, evaluate_many
-from .histogram_distance import _HistogramDrift, align
+from .histogram_distance import _decide_many, _HistogramDrift, align
 from .summary import Summary
 
 
@@ -186,10 +186,9 @@ def _summary_histograms(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]] |
 
 def _decide_batch(detectors: list[TwoSampleDrift], hists: list[tuple[Any, Any]]) -> bool:
     """``update_many``'s usual batch, when every detector has the same distance: the batch's
-    distances (those ``evaluate_many`` computes for the same pairs, bit for bit), then
-    ``_decide`` and ``_set_level`` inlined for each detector in list order (thousands of
-    detectors: no result tuple, no look-up by name, no method call per detector). Returns
-    False, having done nothing, when the distances differ."""
+    distances (those ``evaluate_many`` computes for the same pairs, bit for bit), then each
+    detector decides in list order (``_decide_many``). Returns False, having done nothing,
+    when the distances differ."""
     names = {det.distance for det in detectors}
     if len(names) != 1:
         return False
@@ -204,27 +203,5 @@ def _decide_batch(detectors: list[TwoSampleDrift], hists: list[tuple[Any, Any]])
     )
     raw, null, thresholds = res[name]
     ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
-    for det, good, score, threshold in zip(  # noqa: B905 (one of each per detector)
-        detectors, ok, (raw - null).tolist(), thresholds.tolist()
-    ):
-        in_alarm = det._in_alarm
-        if not good:  # an empty side: `_hold`, the level kept
-            det._alarm = False
-            continue
-        det._distances = {name: score}
-        det._pair = None
-        det._score = score
-        if threshold < det.min_effect:  # max(threshold, min_effect), as _decide takes it
-            threshold = det.min_effect
-        det._threshold = threshold
-        if score > threshold:
-            level = True
-        elif in_alarm:
-            level = score > det.clear_fraction * threshold
-        else:
-            level = False
-        det._alarm = alarm = level and not in_alarm
-        det._in_alarm = level
-        if alarm:
-            det._n_alarms += 1
+    _decide_many(detectors, name, ok, (raw - null).tolist(), thresholds.tolist())
     return True

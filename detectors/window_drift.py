@@ -11,6 +11,7 @@ import numpy as np
 from ._histogram_batch import _CHUNK, _EXACT, _SMALL, batch_window_distances
 from .histogram_distance import (
     DISTANCES,
+    _decide_many,
     _histogram_of,
     _HistogramDrift,
     _KeyPair,
@@ -847,32 +848,9 @@ def _evaluate_keyed(detectors: list[WindowDrift], all_distances: bool) -> None:
     ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
     corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
     thresholds = {name: res[name][2].tolist() for name in names}
-    if len(names) == 1 and not all_distances:
-        # One distance (the usual batch): _HistogramDrift._decide and _set_level inlined, with
-        # no look-up by name per detector.
+    if len(names) == 1 and not all_distances:  # one distance (the usual batch)
         (name,) = names
-        for det, good, score, threshold in zip(
-            detectors, ok, corrected[name], thresholds[name], strict=True
-        ):
-            if not good:
-                det._hold()
-                continue
-            det._distances = {name: score}
-            det._pair = None
-            det._score = score
-            threshold = max(threshold, det.min_effect)
-            det._threshold = threshold
-            in_alarm = det._in_alarm
-            if score > threshold:
-                level = True
-            elif in_alarm:
-                level = score > det.clear_fraction * threshold
-            else:
-                level = False
-            det._alarm = alarm = level and not in_alarm
-            det._in_alarm = level
-            if alarm:
-                det._n_alarms += 1
+        _decide_many(detectors, name, ok, corrected[name], thresholds[name])
         return
     for j, det in enumerate(detectors):
         if not ok[j]:
