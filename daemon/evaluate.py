@@ -29,7 +29,7 @@ from .errors import ConfigError, ConfigProblem
 from .experiments import ExperimentsFile
 from .health import Health
 from .heap import gc_paused, refreeze_heap
-from .kafka import kafka_options, transactional_producer_options
+from .kafka import kafka_options, retrieve_exception, transactional_producer_options
 from .metrics import GuardrailSample, Metrics
 from .settings import Settings
 
@@ -393,18 +393,22 @@ class EvaluateStage:
             "state": self.topics.state,
         }
         started = time.monotonic()
+        futures: list[asyncio.Future[Any]] = []
         try:
             async with producer.transaction():
-                futures = [
-                    await producer.send(topic_of[o.kind], o.value, key=o.key, partition=p)
-                    if o.kind == "state"
-                    else await producer.send(topic_of[o.kind], o.value, key=o.key)
-                    for o in outputs
-                ]
+                for o in outputs:
+                    futures.append(
+                        await producer.send(topic_of[o.kind], o.value, key=o.key, partition=p)
+                        if o.kind == "state"
+                        else await producer.send(topic_of[o.kind], o.value, key=o.key)
+                    )
                 await producer.send_offsets_to_transaction(offsets, self.cfg.group_id)
             for f in futures:
                 await f
         except Exception:
+            # A failed transaction fails its sends' futures too; the error is raised below.
+            for f in futures:
+                f.add_done_callback(retrieve_exception)
             self.metrics.transactions.labels(stage=self.name, outcome="failed").inc()
             raise
         self.metrics.transactions.labels(stage=self.name, outcome="committed").inc()

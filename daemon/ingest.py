@@ -68,6 +68,7 @@ from .heap import gc_paused
 from .kafka import (
     consumer_group_options,
     kafka_options,
+    retrieve_exception,
     transactional_producer_options,
 )
 from .metrics import Metrics
@@ -481,7 +482,7 @@ class IngestStage:
         finally:
             # A failed transaction fails every send's future too; the error is handled above.
             for f in sent:
-                f.add_done_callback(_retrieve)
+                f.add_done_callback(retrieve_exception)
         self._failures = 0
         self._commit_pos[tp] = commit
         if flush is None:
@@ -634,11 +635,6 @@ async def _fetch_unless_stopped(
     if task.cancelled():
         return {}
     return task.result()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _name(tp: TopicPartition) -> str:

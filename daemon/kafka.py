@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "ensure_topics",
     "kafka_options",
     "producer_max_request_bytes",
+    "retrieve_exception",
     "topic_configs",
     "transactional_producer_options",
 ]
@@ -248,3 +250,14 @@ async def read_partition(
         batch = await consumer.getmany(tp, timeout_ms=1000, max_records=10_000)
         records.extend(r for r in batch.get(tp, []) if r.offset < end)
     return records
+
+
+def retrieve_exception(future: asyncio.Future[Any]) -> None:
+    """Mark a send future's exception as retrieved (a ``done`` callback).
+
+    When a transaction fails, its sends' futures fail with it, and the stage handles the error
+    it raised; without this, asyncio logs "Future exception was never retrieved" for each of
+    them when they are freed.
+    """
+    if not future.cancelled():
+        future.exception()
