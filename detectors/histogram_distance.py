@@ -36,6 +36,7 @@ Ledoux, M. and Talagrand, M. (1991). Probability in Banach Spaces. Springer (Bor
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -616,14 +617,26 @@ class _HistogramDrift(_EdgeAlarm):
 
 
 def _decide_many(
-    detectors: list[Any], name: str, ok: list[bool], scores: list[float], thresholds: list[float]
+    detectors: list[Any],
+    ok: list[bool],
+    scores: dict[str, list[float]],
+    thresholds: dict[str, list[float]],
 ) -> None:
-    """``_decide(score, threshold)`` of each detector, all of distance ``name`` (``_hold()``
-    where not ``ok``: an empty side), in list order, inlined: a batch updates thousands of
-    detectors, so no method call, result tuple or look-up by name per detector. Bit for bit
-    what ``_decide`` and ``_hold`` do (``max(threshold, min_effect)`` keeps ``threshold`` on a
-    tie or a NaN, as the comparison below does)."""
-    for det, good, score, threshold in zip(detectors, ok, scores, thresholds, strict=True):
+    """``_decide(score, threshold)`` of each detector (``_hold()`` where not ``ok``: an empty
+    side), in list order, inlined: a batch updates thousands of detectors, so no method call or
+    result tuple per detector. ``scores`` and ``thresholds`` hold, for each distance the
+    detectors use, one value per detector; a detector takes its own distance's. Bit for bit what
+    ``_decide`` and ``_hold`` do (``max(threshold, min_effect)`` keeps ``threshold`` on a tie or
+    a NaN, as the comparison below does)."""
+    if len(scores) == 1:  # the usual batch: no look-up by name
+        ((name, values),) = scores.items()
+        rows: Any = zip(repeat(name), values, thresholds[name])
+    else:
+        rows = (
+            (d.distance, scores[d.distance][j], thresholds[d.distance][j])
+            for j, d in enumerate(detectors)
+        )
+    for det, good, (name, score, threshold) in zip(detectors, ok, rows, strict=True):
         in_alarm = det._in_alarm
         if not good:  # `_hold`: the level kept
             det._alarm = False

@@ -144,7 +144,8 @@ class TwoSampleDrift(_HistogramDrift):
         pairs = list(pairs)
         if not all_distances and _SMALL <= len(detectors) == len(pairs):
             hists = _summary_histograms(pairs)
-            if hists is not None and _decide_batch(detectors, hists):
+            if hists is not None:
+                _decide_batch(detectors, hists)
                 return
         results = evaluate_many(detectors, pairs, all_distances)
         for det, res in zip(detectors, results, strict=True):
@@ -184,15 +185,11 @@ def _summary_histograms(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]] |
     return hists
 
 
-def _decide_batch(detectors: list[TwoSampleDrift], hists: list[tuple[Any, Any]]) -> bool:
-    """``update_many``'s usual batch, when every detector has the same distance: the batch's
-    distances (those ``evaluate_many`` computes for the same pairs, bit for bit), then each
-    detector decides in list order (``_decide_many``). Returns False, having done nothing,
-    when the distances differ."""
+def _decide_batch(detectors: list[TwoSampleDrift], hists: list[tuple[Any, Any]]) -> None:
+    """``update_many``'s usual batch: the distances ``evaluate_many`` computes for the same
+    pairs (bit for bit: the same call), then each detector decides in list order
+    (``_decide_many``)."""
     names = {det.distance for det in detectors}
-    if len(names) != 1:
-        return False
-    (name,) = names
     res = batch_distances(
         hists,
         alpha=[1.0 / det.expected_run_length for det in detectors],
@@ -201,7 +198,6 @@ def _decide_batch(detectors: list[TwoSampleDrift], hists: list[tuple[Any, Any]])
         distances=names,
         thresholds=names,
     )
-    raw, null, thresholds = res[name]
     ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
-    _decide_many(detectors, name, ok, (raw - null).tolist(), thresholds.tolist())
-    return True
+    scores = {name: (res[name][0] - res[name][1]).tolist() for name in names}
+    _decide_many(detectors, ok, scores, {name: res[name][2].tolist() for name in names})

@@ -848,15 +848,13 @@ def _evaluate_keyed(detectors: list[WindowDrift], all_distances: bool) -> None:
     ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
     corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
     thresholds = {name: res[name][2].tolist() for name in names}
-    if len(names) == 1 and not all_distances:  # one distance (the usual batch)
-        (name,) = names
-        _decide_many(detectors, name, ok, corrected[name], thresholds[name])
+    if not all_distances:  # the usual batch
+        _decide_many(detectors, ok, {name: corrected[name] for name in names}, thresholds)
         return
-    for j, det in enumerate(detectors):
+    for j, det in enumerate(detectors):  # all_distances: every detector keeps all four
         if not ok[j]:
             det._hold()
             continue
         name = det.distance
         det._decide(corrected[name][j], thresholds[name][j])
-        if all_distances:
-            det._distances = {d: corrected[d][j] for d in DISTANCES}
+        det._distances = {d: corrected[d][j] for d in DISTANCES}

@@ -603,13 +603,22 @@ def test_update_many_applies_a_detector_listed_twice_in_order():
     assert (batched.in_alarm, batched.alarm) == (single.in_alarm, single.alarm) == (False, False)
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
-def test_update_many_one_distance_batch_of_summaries_equals_batches_of_one(distance):
-    # Summaries of one distance (the daemon's batch) take update_many's inlined decision
-    # (_decide_batch): bit for bit what batches of one decide through evaluate_many and
-    # _decide (PSI and KS alone: the single-pair forms equal to the batch), with min_effect,
+@pytest.mark.parametrize("distance", [*DISTANCES, "mixed"])
+def test_update_many_batch_of_summaries_equals_batches_of_one(distance, monkeypatch):
+    # A batch of Summaries (the daemon's) takes update_many's inlined decision (_decide_batch,
+    # _decide_many): bit for bit what batches of one decide through evaluate_many and _decide
+    # (PSI and KS alone: the single-pair forms equal to the batch), with min_effect,
     # hysteresis, onsets, clears, an empty side (held) and a detector listed twice, across
-    # the chunk boundary of the vectorised pass (300 detectors).
+    # the chunk boundary of the vectorised pass (300 detectors), of one distance or mixed.
+    from armguard.detectors import two_sample_drift
+
+    inlined = []
+    spied = two_sample_drift._decide_many
+    monkeypatch.setattr(
+        two_sample_drift,
+        "_decide_many",
+        lambda dets, *rest: (inlined.append(len(dets)), spied(dets, *rest))[1],
+    )
     rng = np.random.default_rng(37)
     pool = [
         Summary.from_values(
@@ -619,7 +628,7 @@ def test_update_many_one_distance_batch_of_summaries_equals_batches_of_one(dista
     ]
     batched = [
         TwoSampleDrift(
-            distance=distance,
+            distance=str(rng.choice(DISTANCES)) if distance == "mixed" else distance,
             expected_run_length=float(rng.choice([20.0, 1e4])),
             min_expected=float(rng.choice([1.0, 5.0])),
             max_bins=int(rng.choice([5, 20])),
@@ -652,9 +661,10 @@ def test_update_many_one_distance_batch_of_summaries_equals_batches_of_one(dista
             assert (a.score, a.threshold) == (b.score, b.threshold)
             assert a.to_state() == b.to_state()
             if evaluated[j]:  # only the batch's distance, no diagnostics of an older pair
-                assert b.distances == {distance: b.score}
+                assert b.distances == {b.distance: b.score}
             clears += before and not b.in_alarm
     assert sum(d.n_alarms for d in batched) > 80 and clears > 30 and held > 100
+    assert inlined == [301] * 12  # every big batch took the inlined decision, no batch of one
 
 
 def test_update_many_with_all_distances_keeps_them_in_the_state():
