@@ -468,6 +468,28 @@ def _wasserstein(
     return raw, null, thr
 
 
+def detector_distances(
+    run: Any, items: list[Any], detectors: list[Any], all_distances: bool
+) -> tuple[list[bool], dict[str, list[float]], dict[str, list[float]]]:
+    """The batch pass ``run`` (:func:`batch_distances` or :func:`batch_window_distances`) on
+    ``items``, one per detector, with each detector's parameters: whether both sides were
+    non-empty, and per distance name the corrected distances and the thresholds, one per
+    detector. The distances are those the detectors decide on, all four with
+    ``all_distances``; the thresholds those they decide on."""
+    names = {det.distance for det in detectors}
+    res = run(
+        items,
+        alpha=[1.0 / det.expected_run_length for det in detectors],
+        min_expected=[det.min_expected for det in detectors],
+        max_bins=[det.max_bins for det in detectors],
+        distances=set(DISTANCES) if all_distances else names,
+        thresholds=names,
+    )
+    ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
+    corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
+    return ok, corrected, {name: res[name][2].tolist() for name in names}
+
+
 def evaluate_many(
     detectors: list[Any], pairs: list[tuple[Any, Any]], all_distances: bool
 ) -> list[tuple[float, float, dict[str, float] | None, Any] | None]:
@@ -529,18 +551,7 @@ def evaluate_many(
     if not batch:
         return results
     dets = [detectors[i] for i in batch]
-    names = {d.distance for d in dets}
-    res = batch_distances(
-        hists,
-        alpha=[1.0 / d.expected_run_length for d in dets],
-        min_expected=[d.min_expected for d in dets],
-        max_bins=[d.max_bins for d in dets],
-        distances=set(DISTANCES) if all_distances else names,
-        thresholds=names,
-    )
-    ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
-    corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
-    thresholds = {name: res[name][2].tolist() for name in names}
+    ok, corrected, thresholds = detector_distances(batch_distances, hists, dets, all_distances)
     for j, i in enumerate(batch):
         if ok[j]:
             name = dets[j].distance

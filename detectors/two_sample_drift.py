@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._histogram_batch import _SMALL, batch_distances, evaluate_many
+from ._histogram_batch import _SMALL, batch_distances, detector_distances, evaluate_many
 from .histogram_distance import _decide_many, _HistogramDrift, align
 from .summary import Summary
 
@@ -189,15 +189,4 @@ def _decide_batch(detectors: list[TwoSampleDrift], hists: list[tuple[Any, Any]])
     """``update_many``'s usual batch: the distances ``evaluate_many`` computes for the same
     pairs (bit for bit: the same call), then each detector decides in list order
     (``_decide_many``)."""
-    names = {det.distance for det in detectors}
-    res = batch_distances(
-        hists,
-        alpha=[1.0 / det.expected_run_length for det in detectors],
-        min_expected=[det.min_expected for det in detectors],
-        max_bins=[det.max_bins for det in detectors],
-        distances=names,
-        thresholds=names,
-    )
-    ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
-    scores = {name: (res[name][0] - res[name][1]).tolist() for name in names}
-    _decide_many(detectors, ok, scores, {name: res[name][2].tolist() for name in names})
+    _decide_many(detectors, *detector_distances(batch_distances, hists, detectors, False))

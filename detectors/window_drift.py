@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._histogram_batch import _CHUNK, _EXACT, _SMALL, batch_window_distances
+from ._histogram_batch import _CHUNK, _EXACT, _SMALL, batch_window_distances, detector_distances
 from .histogram_distance import (
     DISTANCES,
     _decide_many,
@@ -835,21 +835,11 @@ def _evaluate_keyed(detectors: list[WindowDrift], all_distances: bool) -> None:
         detectors = rest
     if not detectors:
         return
-    # The batch's inputs (thousands of detectors: comprehensions, no method calls).
-    names = {det.distance for det in detectors}
-    res = batch_window_distances(
-        [det._keys for det in detectors],
-        alpha=[1.0 / det.expected_run_length for det in detectors],
-        min_expected=[det.min_expected for det in detectors],
-        max_bins=[det.max_bins for det in detectors],
-        distances=set(DISTANCES) if all_distances else names,
-        thresholds=names,
+    ok, corrected, thresholds = detector_distances(
+        batch_window_distances, [det._keys for det in detectors], detectors, all_distances
     )
-    ok = ((res["n"] > 0) & (res["m"] > 0)).tolist()
-    corrected = {name: (res[name][0] - res[name][1]).tolist() for name in DISTANCES if name in res}
-    thresholds = {name: res[name][2].tolist() for name in names}
     if not all_distances:  # the usual batch
-        _decide_many(detectors, ok, {name: corrected[name] for name in names}, thresholds)
+        _decide_many(detectors, ok, corrected, thresholds)
         return
     for j, det in enumerate(detectors):  # all_distances: every detector keeps all four
         if not ok[j]:
