@@ -699,8 +699,12 @@ def test_window_drift_state_packs_each_histogram_once_and_stays_exact():
         if i == 20:
             every.reset_reference()
             sometimes.reset_reference()
-        state["reference"][2].append(99)
+        # Counts are immutable strings; the lists around them are the state's own.
+        state["reference"][0].append(99)
+        state["reference"][2] += "AA"
         for packed in state["window"]:
-            packed[2].append(99)
+            packed[0].append(99)
+            packed[2] += "AA"
+        state["window"].append(state["reference"])
     assert every.to_state() == sometimes.to_state()
     assert every.n_alarms >= 1
