@@ -37,7 +37,7 @@ from .guardrails import ArmData, GuardrailRunner, SrmRunner, make_runners
 from .heap import gc_paused
 from .summary_record import arm_states
 
-__all__ = ["Engine", "ExperimentState", "Output"]
+__all__ = ["Engine", "ExperimentState", "Output", "Unreadable"]
 
 SEVERITY = {"running": 0, "paused": 1, "killed": 2}
 _MAX_SEEN_COMMANDS = 1000
@@ -47,12 +47,29 @@ _WAVE = 1024
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """A record for one of armguard's topics: ``kind`` is killswitch, decisions or state."""
+    """A record for one of armguard's topics: ``kind`` is killswitch, decisions, state or
+    deadletter (with ``headers``)."""
 
     kind: str
     key: bytes
-    value: bytes
+    value: bytes | None  # None only for a dead letter too large to include
     outcome: str = ""  # the metric label: the action taken, or why a command was rejected
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stashed snapshot that could not be restored, and what of it was kept.
+
+    ``source`` is ``(partition, offset, timestamp)`` of its record on the state topic when
+    :meth:`Engine.stash` was told them. The evaluate stage dead-letters ``value`` as it is.
+    """
+
+    experiment: str
+    value: bytes
+    reason: str
+    kept: tuple[str, ...]
+    source: tuple[int, int, int | None] | None
 
 
 def _ranges_add(ranges: dict[str, list[int]], key: str, first: int, last: int) -> None:
@@ -172,6 +189,65 @@ class ExperimentState:
         s.decision_seq = int(internal.get("decision_seq", 0))
         return s
 
+    @classmethod
+    def salvage(cls, exp: ExperimentConfig, snap: Any) -> tuple[ExperimentState, tuple[str, ...]]:
+        """A fresh state with what an unreadable snapshot still says that the detectors do not.
+
+        Kept where readable, each part whole or not at all: the desired states (a killed or
+        paused arm stays so: only an operator resumes), the revision and decision sequence
+        (event ids and sequence numbers never repeat), the operator overrides, the seen command
+        ids (a command is not applied twice) and the status. The accumulated data, the
+        detectors and the offsets that fed them start again, as for a new experiment.
+        """
+        s = cls(exp)
+        kept: list[str] = []
+        internal = snap.get("internal") if isinstance(snap, dict) else None
+        internal = internal if isinstance(internal, dict) else {}
+
+        def desired() -> None:
+            d = snap["desired"]
+            state, arms = d["state"], dict(d["arms"])
+            if state not in SEVERITY or any(v not in SEVERITY for v in arms.values()):
+                raise ValueError(f"unknown desired state in {d!r:.80}")
+            s.state = state
+            s.arm_states.update((a, v) for a, v in arms.items() if a in s.arm_states)
+
+        def revision() -> None:
+            s.revision = int(snap["revision"])
+            s.decision_seq = int(internal.get("decision_seq", 0))
+
+        def overrides() -> None:
+            s.overrides = {str(k): float(v) for k, v in internal["overrides"].items()}
+
+        def seen_commands() -> None:
+            seen = internal["seen_commands"]
+            if not isinstance(seen, list) or not all(isinstance(c, str) for c in seen):
+                raise TypeError("seen_commands must be a list of command ids")
+            s.seen_commands = list(seen)
+
+        def status() -> None:
+            st = snap["status"]
+            last_ts, last_decision = st.get("updated_ts"), st.get("last_decision")
+            if last_decision is not None and not isinstance(last_decision, dict):
+                raise TypeError("last_decision must be an object")
+            s.last_ts = None if last_ts is None else float(last_ts)
+            s.last_decision = last_decision
+
+        if isinstance(snap, dict):
+            for name, part in (
+                ("desired", desired),
+                ("revision", revision),
+                ("overrides", overrides),
+                ("seen_commands", seen_commands),
+                ("status", status),
+            ):
+                try:
+                    part()
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue
+                kept.append(name)
+        return s, tuple(kept)
+
 
 class Engine:
     """Applies summaries and commands to experiment states and says what to publish.
@@ -204,6 +280,9 @@ class Engine:
         self.source = source
         self.states: dict[str, ExperimentState] = {}
         self.pending: dict[str, bytes] = {}  # stashed snapshots not decoded yet
+        self._stashed_at: dict[str, tuple[int, int, int | None]] = {}
+        # Snapshots that could not be restored, for the stage to dead-letter (take_unreadable).
+        self.unreadable: list[Unreadable] = []
         self.dirty: set[str] = set()
         self.counters: dict[str, int] = {
             "summaries": 0,
@@ -213,6 +292,7 @@ class Engine:
             "commands_rejected": 0,
             "killswitch_events": 0,
             "decisions": 0,
+            "snapshots_unreadable": 0,
         }
         # (command, outcome) of every command since the edge last drained it, for metrics
         self.command_outcomes: list[tuple[str, str]] = []
@@ -226,10 +306,38 @@ class Engine:
                 return None
             raw = self.pending.pop(experiment, None)
             if raw is not None:
-                st = self.states[experiment] = ExperimentState.restore(exp, orjson.loads(raw))
+                st = self.states[experiment] = self._decoded(exp, raw)
             else:
                 st = self.states[experiment] = ExperimentState(exp)
         return st
+
+    def _decoded(self, exp: ExperimentConfig, raw: bytes) -> ExperimentState:
+        source = self._stashed_at.pop(exp.id, None)
+        try:
+            return ExperimentState.restore(exp, orjson.loads(raw))
+        except Exception as exc:  # any failure: the snapshot is data from outside the process
+            # Raised out of here it stopped the stage at every restart (the snapshot stays on
+            # the state topic) or, on a summary's path, dropped that summary as invalid and
+            # reset the experiment silently. Kept instead: what the snapshot still says that
+            # the detectors do not, the rest fresh, and the snapshot dead-lettered as it is.
+            reason = f"{type(exc).__name__}: {exc}"
+        try:
+            snap = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            snap = None
+        st, kept = ExperimentState.salvage(exp, snap)
+        self.counters["snapshots_unreadable"] += 1
+        self.unreadable.append(Unreadable(exp.id, raw, reason[:500], kept, source))
+        return st
+
+    def take_unreadable(self, experiments: set[str] | None = None) -> list[Unreadable]:
+        """Remove and return the unreadable snapshots found (of ``experiments`` only, if given)."""
+        if experiments is None:
+            out, self.unreadable = self.unreadable, []
+            return out
+        out = [u for u in self.unreadable if u.experiment in experiments]
+        self.unreadable = [u for u in self.unreadable if u.experiment not in experiments]
+        return out
 
     def restore(self, value: bytes) -> str | None:
         """Load one snapshot from the state topic; returns its experiment id, or None if unknown."""
@@ -241,14 +349,25 @@ class Engine:
         self.states[exp.id] = ExperimentState.restore(exp, snap)
         return exp.id
 
-    def stash(self, experiment: str, value: bytes) -> bool:
+    def stash(
+        self,
+        experiment: str,
+        value: bytes,
+        source: tuple[int, int, int | None] | None = None,
+    ) -> bool:
         """Keep a snapshot's bytes to restore later (lazily, on first use, or in idle time):
         a partition is ready as soon as its state topic is read, whatever the number of
-        experiments. A later snapshot of the same experiment replaces an earlier one."""
+        experiments. A later snapshot of the same experiment replaces an earlier one.
+        ``source`` is the record's ``(partition, offset, timestamp)``, named if it cannot be
+        restored (see :class:`Unreadable`)."""
         if experiment not in self.by_id:
             return False
         self.states.pop(experiment, None)
         self.pending[experiment] = value
+        if source is not None:
+            self._stashed_at[experiment] = source
+        else:
+            self._stashed_at.pop(experiment, None)
         return True
 
     def restore_pending(self, limit: int) -> int:
@@ -264,7 +383,9 @@ class Engine:
         for e in experiments:
             self.states.pop(e, None)
             self.pending.pop(e, None)
+            self._stashed_at.pop(e, None)
             self.dirty.discard(e)
+        self.take_unreadable(experiments)  # the partition's new owner meets them again
 
     def snapshots(self) -> list[Output]:
         """State snapshots of every experiment changed since the last call."""

@@ -18,13 +18,16 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from .engine import SEVERITY, Engine, Output
+from .contract import DeadLetter, deadletter_headers
+from .engine import SEVERITY, Engine, Output, Unreadable
 from .errors import ConfigError, ConfigProblem
 from .experiments import ExperimentsFile
 from .health import Health
@@ -91,6 +94,11 @@ class EvaluateStage:
         self._refreeze = False  # freeze once the restored experiments are decoded
         self._consumer: AIOKafkaConsumer | None = None
         self.restore_seconds: list[float] = []
+        # Series of rare events exist from the start at 0, so that the alerts' increase()
+        # sees their first event (a series first scraped at 1 increases by nothing).
+        metrics.records_deadlettered.labels(topic=self.topics.state, reason="unreadable_snapshot")
+        for reason in _SKIPPED_SUMMARIES.values():
+            metrics.records_skipped.labels(topic=self.topics.summaries, reason=reason)
         metrics.set_experiments([e.id for e in experiments.experiments])
         metrics.set_guardrail_provider(self._samples)
 
@@ -129,6 +137,7 @@ class EvaluateStage:
                     # state is exported soon without stalling the loop.
                     async with self._lock:
                         self.engine.restore_pending(200)
+                        await self._settle_unreadable()
                 if self._refreeze and not self.engine.pending:
                     # The restored experiments are decoded and live as long as the partition:
                     # out of the cyclic GC's scans (daemon/app.py).
@@ -176,7 +185,8 @@ class EvaluateStage:
             f"{c['summaries_unknown_experiment']} of unknown experiments skipped), "
             f"{c['killswitch_events']} kill-switch events, "
             f"{c['decisions']} decisions, {c['commands_applied']} commands applied, "
-            f"{c['commands_rejected']} rejected"
+            f"{c['commands_rejected']} rejected, {c['snapshots_unreadable']} state snapshots "
+            "unreadable"
         )
 
     # -- partitions ---------------------------------------------------------------------------
@@ -274,7 +284,7 @@ class EvaluateStage:
                             continue
                         # Stashed, decoded on first use or in idle time (restore_pending).
                         exp = rec.key.decode("utf-8", "replace")
-                        if self.engine.stash(exp, rec.value):
+                        if self.engine.stash(exp, rec.value, (p, rec.offset, rec.timestamp)):
                             self._owner[exp] = p
                             n += 1
         finally:
@@ -372,6 +382,7 @@ class EvaluateStage:
             self.engine.command_outcomes.clear()
             for e in self.engine.dirty:
                 self._owner[e] = p
+        outputs.extend(self._deadletters(p))
         outputs.extend(self.engine.snapshots())
         await self._commit(p, outputs, offsets)
         self._next.update(offsets)
@@ -383,6 +394,71 @@ class EvaluateStage:
                 self.metrics.records_skipped.labels(topic=summaries, reason=reason).inc(n)
         self.metrics.batch_duration.labels(stage=self.name).observe(time.monotonic() - started)
 
+    # -- unreadable snapshots -------------------------------------------------------------------
+    def _deadletters(self, p: int) -> list[Output]:
+        """Dead-letter records of the snapshots of partition ``p``'s experiments that could not
+        be restored (``Engine.take_unreadable``), each logged once. The experiment goes on from
+        what was kept (``ExperimentState.salvage``); its next snapshot replaces the bad one."""
+        owned = {u.experiment for u in self.engine.unreadable if self._owner.get(u.experiment) == p}
+        out = []
+        for u in self.engine.take_unreadable(owned) if owned else []:
+            log.error(
+                "the state snapshot of experiment %s could not be restored (%s); it starts "
+                "again from its desired state and operator history (kept: %s), its detectors "
+                "fresh; the snapshot goes to %s",
+                u.experiment,
+                u.reason,
+                ", ".join(u.kept) or "nothing",
+                self.topics.deadletter,
+            )
+            out.append(self._deadletter(p, u))
+            self.engine.dirty.add(u.experiment)  # its readable snapshot goes in the same commit
+        return out
+
+    def _deadletter(self, p: int, u: Unreadable) -> Output:
+        partition, offset, timestamp = u.source if u.source is not None else (p, -1, None)
+        record = SimpleNamespace(value=u.value, offset=offset, timestamp=timestamp)
+        detail = f"{u.reason}; kept: {', '.join(u.kept) or 'nothing'}"
+        value, headers = deadletter_headers(
+            DeadLetter(record, "unreadable_snapshot", detail),
+            topic=self.topics.state,
+            partition=partition,
+            config_version=self.engine.version,
+            max_record_bytes=self.settings.ingest.max_record_bytes,
+        )
+        return Output(
+            "deadletter",
+            u.experiment.encode(),
+            value,  # None past ingest.max_record_bytes: the headers point at the source
+            outcome="unreadable_snapshot",
+            headers=tuple(headers),
+        )
+
+    async def _settle_unreadable(self) -> None:
+        """Snapshots found unreadable while decoding in idle time: their dead-letter records and
+        the experiments' new snapshots, one transaction per partition, at once (nothing else
+        would write them until the experiment's next record). A failed transaction recovers
+        the partition as a failed batch does: it is read again, and the snapshot with it."""
+        for p in sorted({self._owner.get(u.experiment, -1) for u in self.engine.unreadable}):
+            if p not in self._producers:
+                continue
+            outputs = self._deadletters(p)
+            for o in list(outputs):
+                experiment = o.key.decode()
+                st = self.engine.states.get(experiment)
+                self.engine.dirty.discard(experiment)
+                if st is not None:
+                    snap = orjson.dumps(st.snapshot(self.engine.version))
+                    outputs.append(Output("state", o.key, snap))
+            try:
+                await self._commit(p, outputs, {})
+            except ProducerFenced:
+                raise
+            except KafkaError as exc:
+                log.warning("partition %d: transaction failed (%r); recovering", p, exc)
+                self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
+                await self._recover(p)
+
     async def _commit(
         self, p: int, outputs: list[Output], offsets: dict[TopicPartition, int]
     ) -> None:
@@ -391,6 +467,7 @@ class EvaluateStage:
             "killswitch": self.topics.killswitch,
             "decisions": self.topics.decisions,
             "state": self.topics.state,
+            "deadletter": self.topics.deadletter,
         }
         started = time.monotonic()
         futures: list[asyncio.Future[Any]] = []
@@ -400,9 +477,12 @@ class EvaluateStage:
                     futures.append(
                         await producer.send(topic_of[o.kind], o.value, key=o.key, partition=p)
                         if o.kind == "state"
-                        else await producer.send(topic_of[o.kind], o.value, key=o.key)
+                        else await producer.send(
+                            topic_of[o.kind], o.value, key=o.key, headers=list(o.headers) or None
+                        )
                     )
-                await producer.send_offsets_to_transaction(offsets, self.cfg.group_id)
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, self.cfg.group_id)
             for f in futures:
                 await f
         except Exception:
@@ -422,6 +502,10 @@ class EvaluateStage:
                 ).inc()
             elif o.kind == "decisions":
                 self.metrics.decisions.labels(experiment=o.key.decode(), outcome=o.outcome).inc()
+            elif o.kind == "deadletter":
+                self.metrics.records_deadlettered.labels(
+                    topic=self.topics.state, reason=o.outcome
+                ).inc()
 
     async def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
         for tp in consumer.assignment():

@@ -25,6 +25,7 @@ from tests.support.daemon import (
     committed_total,
     produce,
     read_json,
+    read_topic,
     topic_env,
     wait_for,
 )
@@ -339,3 +340,64 @@ async def test_operator_override_silences_a_guardrail_until_it_expires(setup):
     assert len(events) == 1 and events[0]["data"]["arms"]["t2"] == "killed"
     assert events[0]["data"]["decision"]["guardrail"] == "error-proportion"
     assert d.stop() == 0
+
+
+async def test_an_unreadable_snapshot_is_dead_lettered_and_the_kill_stands(setup):
+    """A state snapshot the daemon cannot restore (corrupted, or written by a newer version
+    after a roll-back) neither stops the stage at every restart nor silently resets the
+    experiment: the kill stands, the snapshot goes to the dead-letter topic with the reason,
+    and a readable snapshot replaces it."""
+    records = regression_stream(25, n_batches=40, bad_arm="t1", start_batch_bad=5)
+    a = setup.daemon("a").start()
+    await asyncio.to_thread(a.wait_ready)
+    await setup.feed(records[:30])
+    await setup.processed(30)
+    assert [e["data"]["arms"]["t1"] for e in await setup.killswitch()] == ["killed"]
+    assert a.stop() == 0
+
+    (*_, last) = await read_topic(setup.bootstrap, setup.topics.state)
+    snap = orjson.loads(last.value)
+    runners = snap["internal"]["runners"]
+    runners[next(iter(runners))]["detector"] = {"broken": True}
+    bad = orjson.dumps(snap)
+    await produce(setup.bootstrap, setup.topics.state, [(b"ranker", bad)])
+
+    b = setup.daemon("b").start()
+    await asyncio.to_thread(b.wait_ready)
+
+    async def dead_lettered():
+        return [r for r in await read_topic(setup.bootstrap, setup.topics.deadletter)]
+
+    (dl,) = await wait_for(dead_lettered, "the unreadable snapshot in the dead-letter topic")
+    headers = dict(dl.headers)
+    assert dl.key == b"ranker" and dl.value == bad
+    assert headers["armguard.reason"] == b"unreadable_snapshot"
+    assert headers["armguard.source.topic"] == setup.topics.state.encode()
+    envelope = orjson.loads(headers["armguard.envelope"])
+    assert envelope["source"]["offset"] == dl_offset(
+        await read_topic(setup.bootstrap, setup.topics.state), bad
+    )
+    assert "KeyError" in envelope["detail"] and "kept: desired" in envelope["detail"]
+    # The salvaged state was written back at once, readable, with the kill in it.
+    (*_, latest) = await read_topic(setup.bootstrap, setup.topics.state)
+    fresh = orjson.loads(latest.value)
+    assert latest.value != bad and fresh["desired"]["arms"]["t1"] == "killed"
+
+    await setup.feed(records[30:])
+    await setup.processed(40)
+    assert [e["data"]["arms"]["t1"] for e in await setup.killswitch()] == ["killed"]
+    status, body = b.get("/metrics")
+    assert status == 200
+    state_topic = setup.topics.state
+    assert (
+        f'armguard_records_deadlettered_total{{reason="unreadable_snapshot",topic="{state_topic}"}}'
+        " 1.0" in body.decode()
+    )
+    assert b.alive() and b.stop() == 0
+    log = b.log.read_text()
+    assert "the state snapshot of experiment ranker could not be restored (KeyError" in log
+
+
+def dl_offset(state_records, value):
+    (rec,) = [r for r in state_records if r.value == value]
+    return rec.offset

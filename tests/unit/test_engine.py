@@ -585,3 +585,121 @@ def test_interval_summaries_share_nothing_with_the_cumulative_ones():
     buffers = [a for s in seen for a in arrays(s) if a.size]
     for i, a in enumerate(buffers):
         assert not any(np.shares_memory(a, b) for b in buffers[i + 1 :])
+
+
+# -- snapshots that cannot be restored ---------------------------------------------------------
+def _killed_with_history(config):
+    """An engine whose ranker experiment has t1 killed by its guardrails, t2 killed by an
+    operator, an override and seen commands; and its snapshot."""
+    e = engine_for(config)
+    recs = stream(6, n_batches=30, bad_arm="t1", start_batch_bad=2)
+    run(e, recs[:25])
+    apply(e, signed("kill", arm="t2", reason="manual", id="k2"), offset=1)
+    apply(e, signed("override", guardrail="error-proportion", duration_s=1e6, id="o1"), offset=2)
+    st = e.states["ranker"]
+    assert st.arm_states == {"control": "running", "t1": "killed", "t2": "killed"}
+    snap = orjson.loads(e.snapshots()[-1].value)
+    return e, recs, snap
+
+
+def _break_a_detector(snap):
+    runners = snap["internal"]["runners"]
+    key = next(iter(runners))
+    runners[key]["detector"] = {"not": "a detector state"}
+    return snap
+
+
+@pytest.mark.parametrize("path", ["summary", "idle", "command"])
+def test_an_unreadable_snapshot_keeps_kills_and_operator_history_and_is_handed_over(config, path):
+    _, recs, snap = _killed_with_history(config)
+    raw = orjson.dumps(_break_a_detector(snap))
+    second = engine_for(config)
+    assert second.stash("ranker", raw, (3, 1234, 1_764_300_000_000))
+    if path == "summary":
+        run(second, recs[25:26], start=25)
+        # The summary is applied, not counted as invalid.
+        assert second.counters["summaries"] == 1 and second.counters["summaries_invalid"] == 0
+    elif path == "idle":
+        assert second.restore_pending(10) == 0  # did not raise
+    else:
+        outs = apply(second, signed("pause", arm="t2", id="k2"), offset=9)  # a replay
+        (audit,) = of_kind(outs, "decisions")
+        assert audit["data"]["reason"] == "replayed"  # the seen command ids were kept
+    assert second.counters["snapshots_unreadable"] == 1 and not second.pending
+    st = second.states["ranker"]
+    # Kept: the kills (the daemon never resumes; only an operator does), the override, the
+    # command ids, the revision and decision sequence, the status.
+    assert st.arm_states == {"control": "running", "t1": "killed", "t2": "killed"}
+    assert st.overrides == snap["internal"]["overrides"] and st.overrides
+    assert st.seen_commands == snap["internal"]["seen_commands"]
+    assert st.decision_seq >= snap["internal"]["decision_seq"] > 0
+    assert st.revision >= snap["revision"] > 0
+    assert snap["status"]["last_decision"] is not None
+    if path == "idle":
+        assert st.last_decision == snap["status"]["last_decision"]
+    # Fresh: the data, the detectors and the offsets that fed them.
+    fed = {"armguard.summaries:0": [25, 25]} if path == "summary" else {}
+    assert st.summary_offsets == fed and snap["internal"]["summary_offsets"] != fed
+    assert path == "summary" or st.telemetry_offsets == {}
+    assert all(
+        r["state"] == "inconclusive" for r in st.rows() if r["guardrail"] != "error-proportion"
+    )
+    (u,) = second.take_unreadable()
+    assert u.experiment == "ranker" and u.value == raw and u.source == (3, 1234, 1_764_300_000_000)
+    assert u.reason == "KeyError: 'params'"  # the broken detector state's missing field
+    assert u.kept == ("desired", "revision", "overrides", "seen_commands", "status")
+    assert second.take_unreadable() == []
+
+
+def test_an_unreadable_snapshot_goes_on_to_the_same_decisions_as_a_fresh_detector_state(config):
+    # After the salvage the experiment is the fresh one plus what was kept: the same records
+    # give a salvaged engine and an engine given only those parts the same decisions.
+    _, recs, snap = _killed_with_history(config)
+    salvaged = engine_for(config)
+    salvaged.stash("ranker", orjson.dumps(_break_a_detector(snap)))
+    out_salvaged = run(salvaged, recs[25:], start=25)
+    kept_only = engine_for(config)
+    for k in ("arms", "interval", "runners"):
+        snap["internal"][k] = {}
+    snap["internal"].update(next_tick=None, srm=None, summary_offsets={}, telemetry_offsets={})
+    kept_only.stash("ranker", orjson.dumps(snap))
+    out_kept = run(kept_only, recs[25:], start=25)
+    assert kept_only.counters["snapshots_unreadable"] == 0
+    assert [(o.kind, o.value) for o in out_salvaged if o.kind != "state"] == [
+        (o.kind, o.value) for o in out_kept if o.kind != "state"
+    ]
+
+
+def test_snapshot_parts_are_kept_each_whole_or_not_at_all(config):
+    _, _, snap = _killed_with_history(config)
+    snap = _break_a_detector(snap)
+    snap["desired"]["arms"]["t1"] = "exploded"  # not a state: no desired state is kept
+    snap["internal"]["seen_commands"] = ["k2", 7]
+    e = engine_for(config)
+    e.stash("ranker", orjson.dumps(snap))
+    e.restore_pending(1)
+    st = e.states["ranker"]
+    assert st.arm_states == {"control": "running", "t1": "running", "t2": "running"}
+    assert st.seen_commands == [] and st.overrides
+    (u,) = e.take_unreadable()
+    assert u.kept == ("revision", "overrides", "status") and u.source is None
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1, 2]", b'{"experiment": "ranker"}'])
+def test_a_snapshot_that_is_not_one_starts_the_experiment_fresh(config, raw):
+    e = engine_for(config)
+    e.stash("ranker", raw)
+    assert e.restore_pending(1) == 0
+    st = e.states["ranker"]
+    assert st.desired() == engine_for(config).state_for("ranker").desired()
+    (u,) = e.take_unreadable()
+    assert u.kept == () and u.value == raw and u.reason
+
+
+def test_dropping_a_partition_forgets_its_unreadable_snapshots(config):
+    e = engine_for(config)
+    e.stash("ranker", b"{")
+    e.restore_pending(1)
+    assert e.unreadable
+    e.drop({"ranker"})
+    assert e.take_unreadable() == [] and "ranker" not in e.states

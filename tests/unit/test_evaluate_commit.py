@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
+from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 from prometheus_client import CollectorRegistry
 
@@ -47,7 +48,9 @@ class _FencedProducer:
             f.set_exception(ProducerFenced())
         raise ProducerFenced()
 
-    async def send(self, topic: str, value: bytes, *, key: bytes, partition: int | None = None):
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, partition: int | None = None, headers=None
+    ):
         future = asyncio.get_running_loop().create_future()
         self.futures.append(future)
         return future
@@ -81,7 +84,7 @@ async def test_a_failed_transaction_raises_and_retrieves_its_sends_failures():
     try:
         raised = None
         try:
-            await stage._commit(0, outputs, {})
+            await stage._commit(0, outputs, {TopicPartition("armguard.summaries", 0): 1})
         except ProducerFenced as exc:  # (not pytest.raises: its traceback would keep the futures)
             raised = type(exc)
         assert raised is ProducerFenced
