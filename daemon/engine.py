@@ -43,6 +43,11 @@ SEVERITY = {"running": 0, "paused": 1, "killed": 2}
 _MAX_SEEN_COMMANDS = 1000
 # Records whose drift updates wait for one batch; the vectorised pass gains little past ~1,000.
 _WAVE = 1024
+# What reading a malformed record can raise (JSON errors are ValueErrors; an integer beyond
+# int64 in a histogram is an OverflowError, a list where an object belongs an AttributeError):
+# the record is counted and skipped. Escaping apply_summaries, any of them stopped the stage at
+# every restart on the same record.
+_MALFORMED = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,8 +505,15 @@ class Engine:
             experiment = rec["experiment"]
             arms = arm_states(rec)
             span = rec.get("span") or {}
-            if not isinstance(experiment, str):
+            offsets = rec.get("offsets") or []
+            if not (
+                isinstance(experiment, str) and isinstance(span, dict) and isinstance(offsets, list)
+            ):
                 raise TypeError("bad shape")
+            max_ts = span.get("max_ts")
+            # math.isfinite of an integer beyond a float's range raises OverflowError: invalid
+            if not (isinstance(max_ts, int | float) and math.isfinite(max_ts)):
+                max_ts = None
             st = self.state_for(experiment)
             incoming: dict[str, ArmData] = {}
             if st is not None:
@@ -510,7 +522,12 @@ class Engine:
                     if arm in st.exp.arms:
                         incoming[arm] = parsed = ArmData()
                         parsed.merge_state(data)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        # A summary that cannot merge into the data so far is refused here: a
+                        # ValueError while merging below stopped the stage at every restart.
+                        for held in (st.arms.get(arm), st.interval.get(arm)):
+                            if held is not None:
+                                held.check_mergeable(parsed)
+        except _MALFORMED:
             self.counters["summaries_invalid"] += 1
             return []
         if st is None:
@@ -523,18 +540,15 @@ class Engine:
             # The decoded record is dropped below: the interval takes its Summaries.
             st.interval.setdefault(arm, ArmData()).absorb(data)
         _ranges_add(st.summary_offsets, f"{topic}:{partition}", offset, offset)
-        for o in rec.get("offsets") or []:
+        for o in offsets:  # telemetry ranges: a malformed entry is left out
             try:
-                _ranges_add(
-                    st.telemetry_offsets,
-                    f"{o['topic']}:{int(o['partition'])}",
-                    int(o["first"]),
-                    int(o["last"]),
-                )
-            except (KeyError, TypeError, ValueError):
+                source, part = o["topic"], int(o["partition"])
+                first, last = int(o["first"]), int(o["last"])
+            except (KeyError, TypeError, ValueError, OverflowError):
                 continue
-        max_ts = span.get("max_ts")
-        if isinstance(max_ts, int | float) and math.isfinite(max_ts):
+            if isinstance(source, str) and 0 <= part < 1 << 31 and 0 <= first <= last < 1 << 63:
+                _ranges_add(st.telemetry_offsets, f"{source}:{part}", first, last)
+        if max_ts is not None:
             st.last_ts = max(st.last_ts or max_ts, float(max_ts))
         self.dirty.add(experiment)
         # The decoded record is merged: drop it before a drift wave keeps this frame waiting.

@@ -45,7 +45,10 @@ class ArmData:
     features: dict[str, Summary] = field(default_factory=dict)
 
     def merge_state(self, arm: dict[str, Any]) -> None:
-        self.count += int(arm.get("count", 0))
+        count = arm.get("count", 0)
+        if type(count) is not int or not 0 <= count < 1 << 53:
+            raise ValueError(f"an arm's count must be an integer in [0, 2**53), got {count!r:.40}")
+        self.count += count
         for kind in ("metrics", "features"):
             target: dict[str, Summary] = getattr(self, kind)
             for name, st in (arm.get(kind) or {}).items():
@@ -72,6 +75,20 @@ class ArmData:
                     target[name].merge_in(s)
                 else:
                     target[name] = s if take else s.copy()
+
+    def check_mergeable(self, other: ArmData) -> None:
+        """Raise ValueError, naming the summary, if :meth:`merge_in` of ``other`` would fail:
+        a summary of the same name with another relative accuracy (a record from a producer or
+        version with other settings). Checked before anything is merged."""
+        for kind in ("metrics", "features"):
+            mine: dict[str, Summary] = getattr(self, kind)
+            for name, s in getattr(other, kind).items():
+                have = mine.get(name)
+                if have is not None and have.relative_accuracy != s.relative_accuracy:
+                    raise ValueError(
+                        f"{kind}.{name}: relative_accuracy {s.relative_accuracy} cannot merge "
+                        f"into the experiment's {have.relative_accuracy}"
+                    )
 
     def get(self, source: str, name: str) -> Summary | None:
         return (self.features if source == "feature" else self.metrics).get(name)

@@ -19,6 +19,14 @@ __all__ = ["LogHistogram", "Summary"]
 # at least this large is indexable by a log bucket.
 _MIN_INDEXABLE = float(np.finfo(np.float64).tiny)
 _STATE_VERSION = 1
+# Bounds on a state read from outside (a summary record, a snapshot): what no histogram this
+# code builds exceeds, so that a malformed state is refused with a ValueError instead of
+# failing later (an overflow, a huge allocation, a negative count dividing by zero). A bucket
+# key of a finite double is within 710 / ln(gamma) of 0 (|ln x| <= 709.8 for the indexable
+# magnitudes); a bucket holds fewer than 2**46 values, so the sum of a store's counts stays
+# exact in int64 however many buckets it has up to _MAX_STATE_BINS.
+_MAX_STATE_BINS = 1 << 16
+_MAX_STATE_COUNT = 1 << 46
 
 
 class _Store:
@@ -118,27 +126,61 @@ class _Store:
         return [self.offset + a, counts[a : b + 1].tolist()]
 
     @classmethod
-    def from_state(cls, state: list[Any], max_bins: int) -> _Store:
-        store = cls(max_bins)
+    def from_state(cls, state: list[Any], max_bins: int, key_limit: int) -> tuple[_Store, int]:
+        """The store of ``to_state()``'s ``state`` and the sum of its counts. Raises
+        ValueError on anything this code does not write: keys beyond ``key_limit`` (no finite
+        double has them), more than ``max_bins`` buckets, counts that are not integers in
+        ``[0, 2**46)``."""
+        store = cls.__new__(cls)
+        store.max_bins = max_bins
+        store.offset = 0
         first, counts = state
-        if np.ndim(first) == 0:  # dense: the lowest key, then the counts of every key from it
-            if len(counts):
-                store.offset = int(first)
-                store.counts = np.asarray(counts, dtype=np.int64)
-            return store
-        keys = np.asarray(first, dtype=np.int64)
-        values = np.asarray(counts, dtype=np.int64)
-        if keys.ndim != 1 or keys.shape != values.shape or not keys.shape[0]:
+        if not isinstance(first, list | tuple | np.ndarray):  # dense: the lowest key, then
+            values = _state_counts(counts, max_bins)  # the counts of every key from it
+            store.counts = values
+            if not values.shape[0]:
+                return store, 0
+            if type(first) is not int or not -key_limit <= first <= key_limit - values.shape[0]:
+                raise ValueError(
+                    f"a histogram store's first key must be an integer key, got {first!r:.40}"
+                )
+            store.offset = first
+            store.counts = values
+            return store, int(values.sum())
+        keys = _state_counts(first, max_bins, keys=True)
+        values = _state_counts(counts, max_bins)
+        if keys.shape != values.shape or not keys.shape[0]:
             raise ValueError("a sparse histogram store needs as many keys as counts (at least 1)")
         if keys.shape[0] > 1 and not bool(np.all(keys[1:] > keys[:-1])):
             raise ValueError("the keys of a sparse histogram store must be strictly ascending")
+        if not (-key_limit <= int(keys[0]) and int(keys[-1]) <= key_limit):
+            raise ValueError("a sparse histogram store's keys are beyond those of finite values")
         width = int(keys[-1]) - int(keys[0]) + 1
         if width > max_bins:  # a store never spans more (and a bad state must not allocate)
             raise ValueError(f"sparse histogram store spans {width} keys, more than {max_bins}")
         store.offset = int(keys[0])
         store.counts = np.zeros(width, dtype=np.int64)
         store.counts[keys - store.offset] = values
-        return store
+        return store, int(values.sum())
+
+
+def _state_counts(values: Any, max_bins: int, *, keys: bool = False) -> np.ndarray:
+    """A state's list of bucket counts (or, ``keys``, sparse keys) as int64, checked: at most
+    ``max_bins`` numbers numpy converts to int64 (as before these checks, a float is
+    truncated), counts in ``[0, 2**46)``."""
+    if type(values) is list and not values:  # the empty store of a sign with no values
+        return np.zeros(0, dtype=np.int64)
+    what = "keys" if keys else "counts"
+    try:
+        arr = np.asarray(values, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):  # beyond int64, ragged, not numbers
+        raise ValueError(f"histogram store {what} must be a list of integers") from None
+    if arr.ndim != 1 or arr.shape[0] > max_bins:
+        raise ValueError(f"histogram store {what} must be a list of at most {max_bins} integers")
+    # One pass: a negative count seen as unsigned is above the bound too.
+    if not keys and arr.shape[0] and int(arr.view(np.uint64).max()) >= _MAX_STATE_COUNT:
+        raise ValueError("histogram store counts must be integers in [0, 2**46)")
+    return arr
 
 
 def _sparse_is_smaller(nonzero: int, width: int) -> bool:
@@ -401,11 +443,25 @@ class LogHistogram:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> LogHistogram:
-        h = cls(relative_accuracy=state["ra"], max_bins=state["mb"])
-        h._pos = _Store.from_state(state["p"], h.max_bins)
-        h._neg = _Store.from_state(state["n"], h.max_bins)
-        h._zero = int(state["z"])
-        return h
+        """Rebuild a histogram from :meth:`to_state`; ValueError on a state this code does not
+        write (counts not integers in [0, 2**46), keys no finite value has, more buckets than
+        ``max_bins``, ``max_bins`` above 65536)."""
+        return cls._from_state(state)[0]
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> tuple[LogHistogram, int]:
+        max_bins = state["mb"]
+        if type(max_bins) is int and max_bins > _MAX_STATE_BINS:
+            raise ValueError(f"max_bins of a state must be at most {_MAX_STATE_BINS}")
+        h = cls(relative_accuracy=state["ra"], max_bins=max_bins)
+        key_limit = math.ceil(710.0 / h._log_gamma) + 1
+        h._pos, n_pos = _Store.from_state(state["p"], max_bins, key_limit)
+        h._neg, n_neg = _Store.from_state(state["n"], max_bins, key_limit)
+        zero = state["z"]
+        if type(zero) is not int or not 0 <= zero < _MAX_STATE_COUNT:
+            raise ValueError("a histogram's zero count must be an integer in [0, 2**46)")
+        h._zero = zero
+        return h, n_pos + n_neg + zero
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LogHistogram):
@@ -620,13 +676,36 @@ class Summary:
         if state.get("v") != _STATE_VERSION:
             raise ValueError(f"unknown Summary state version {state.get('v')!r}, expected 1")
         s = cls.__new__(cls)
-        s._hist = LogHistogram.from_state(state["h"])
-        s._count = int(state["n"])
+        s._hist, total = LogHistogram._from_state(state["h"])
+        count = state["n"]
+        if type(count) is not int or count != total:
+            raise ValueError(
+                f"a Summary's count must be the integer its histogram holds ({total}), "
+                f"got {count!r:.40}"
+            )
+        s._count = count
         s._sum = float(state["sum"])
         s._mean = float(state["mean"])
         s._m2 = float(state["m2"])
-        s._min = None if state["min"] is None else float(state["min"])
-        s._max = None if state["max"] is None else float(state["max"])
+        lo, hi = state["min"], state["max"]
+        s._min = None if lo is None else float(lo)
+        s._max = None if hi is None else float(hi)
+        # Finite moments, m2 >= 0, and min <= max given exactly when there are values: what
+        # every Summary holds (a NaN fails every comparison).
+        if not (
+            math.isfinite(s._sum)
+            and math.isfinite(s._mean)
+            and 0.0 <= s._m2 < math.inf
+            and (
+                (lo is None and hi is None)
+                if not count
+                else (lo is not None and hi is not None and -math.inf < s._min <= s._max < math.inf)
+            )
+        ):
+            raise ValueError(
+                "a Summary's sum, mean and m2 must be finite (m2 >= 0) and its min <= max "
+                "given when it has values"
+            )
         return s
 
     @classmethod

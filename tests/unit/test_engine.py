@@ -703,3 +703,171 @@ def test_dropping_a_partition_forgets_its_unreadable_snapshots(config):
     assert e.unreadable
     e.drop({"ranker"})
     assert e.take_unreadable() == [] and "ranker" not in e.states
+
+
+# -- malformed summary records never stop the engine -------------------------------------------
+FUZZ_CONFIG = """
+experiments:
+  - id: fz
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    guardrails:
+      - {metric: f, source: feature, test: drift, mode: reference}
+      - {name: g, metric: f, source: feature, test: drift, mode: control}
+      - {metric: m, test: mean, harmful: increase, min_samples: 50}
+      - {name: c, metric: m, test: change}
+      - {name: a, metric: m, test: anomaly}
+"""
+
+
+def _nonzero_store(store):
+    first, counts = store
+    keys = list(range(first, first + len(counts))) if isinstance(first, int) else first
+    kept = [(k, c) for k, c in zip(keys, counts, strict=True) if c]
+    return [k for k, _ in kept], [c for _, c in kept]
+
+
+def _fuzz_record(rng, t, version):
+    states = {
+        arm: {
+            "m": Summary.from_values(rng.normal(10.0, 1.0, 100)).to_state(),
+            "f": Summary.from_values(rng.lognormal(0.0, 1.0, 300)).to_state(),
+        }
+        for arm in ("control", "treatment")
+    }
+    head = {
+        "experiment": "fz",
+        "offsets": [{"topic": "tel", "partition": 0, "first": 0, "last": 9}],
+        "span": {"min_ts": t - 5.0, "max_ts": t},
+    }
+    if version == 1:
+        arms = {
+            arm: {"count": 300, "metrics": {"m": s["m"]}, "features": {"f": s["f"]}}
+            for arm, s in states.items()
+        }
+        return {"v": 1, **head, "arms": arms}
+    rows = {k: [] for k in ("arm", "name", "count", "sum", "m2", "min", "max", "zero")}
+    pos = [[], [], []]
+    for a, arm in enumerate(states):
+        for j, name in enumerate(("m", "f")):
+            s = states[arm][name]
+            for key, value in zip(
+                ("arm", "name", "count", "sum", "m2", "min", "max", "zero"),
+                (a, j, s["n"], s["sum"], s["m2"], s["min"], s["max"], s["h"]["z"]),
+                strict=True,
+            ):
+                rows[key].append(value)
+            keys, counts = _nonzero_store(s["h"]["p"])
+            pos[0].append(len(keys))
+            pos[1] += keys
+            pos[2] += counts
+    rows["pos"] = pos
+    return {
+        "v": 2,
+        **head,
+        "arms": list(states),
+        "count": [300, 300],
+        "ra": 0.01,
+        "mb": 2048,
+        "names": [["metrics", "m"], ["features", "f"]],
+        "rows": rows,
+    }
+
+
+_ODD = [
+    0,
+    -1,
+    10**400,
+    1.5,
+    -1e308,
+    1e308,
+    2**63 - 1,
+    -(2**63),
+    2**64,
+    10**30,
+    "x",
+    None,
+    True,
+    [],
+    {},
+    [1, 2],
+    [[1], [2]],
+    1e-300,
+    float("nan"),
+    float("inf"),
+]
+
+
+def _paths(obj, at=()):
+    if at:
+        yield at
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
+    for k, v in items:
+        yield from _paths(v, (*at, k))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_malformed_summary_records_are_counted_and_never_stop_the_engine(version):
+    """Seeded mutations of valid summary records (a field replaced by a value of another type
+    or range: negative, huge, beyond 64 bits, NaN, a list where an object belongs, ...) among
+    valid records: applying them never raises (it stopped the evaluate stage at every
+    restart, on the same record), every record is applied or counted invalid, and what the
+    engine accepted always snapshots, restores and goes on."""
+    import json
+    import random
+
+    config = parse_experiments(FUZZ_CONFIG, where="test.yaml")
+    rng = np.random.default_rng(99 + version)
+    pick = random.Random(7 + version)
+    valid = [_fuzz_record(rng, 10.0 * k + 5.0, version) for k in range(80)]
+    engine = Engine(config, evaluation_interval_s=10.0)
+    engine.apply_summaries(
+        [(orjson.dumps(r), "armguard.summaries", 0, i) for i, r in enumerate(valid[:30])]
+    )
+    offset = 30
+    for k in range(30, 80):
+        bad = orjson.loads(orjson.dumps(valid[k]))
+        paths = list(_paths(bad))
+        for _ in range(pick.randint(1, 3)):
+            path = pick.choice(paths)
+            target = bad
+            try:
+                for key in path[:-1]:
+                    target = target[key]
+                target[path[-1]] = pick.choice(_ODD)
+            except (KeyError, IndexError, TypeError):
+                continue  # an earlier mutation replaced a container on this path
+        batch = [json.dumps(bad).encode(), orjson.dumps(valid[k])]  # json: big ints, NaN
+        before = engine.counters["summaries"] + engine.counters["summaries_invalid"]
+        engine.apply_summaries(
+            [(v, "armguard.summaries", 0, offset + i) for i, v in enumerate(batch)]
+        )
+        offset += 2
+        assert engine.counters["summaries"] + engine.counters["summaries_invalid"] == before + 2
+        for out in engine.snapshots():
+            restored = Engine(config, evaluation_interval_s=10.0)
+            assert restored.restore(out.value) == "fz"
+    # Most mutations are caught; the valid records between them were all applied.
+    assert engine.counters["summaries_invalid"] >= 25
+    assert engine.counters["summaries"] >= 30 + 50
+    assert engine.counters["snapshots_unreadable"] == 0
+
+
+def test_a_summary_of_another_accuracy_is_invalid_not_a_crash():
+    # Merging it into the experiment's data raised ValueError out of apply_summaries.
+    config = parse_experiments(FUZZ_CONFIG, where="test.yaml")
+    rng = np.random.default_rng(5)
+    engine = Engine(config, evaluation_interval_s=10.0)
+    records = [_fuzz_record(rng, 10.0 * k + 5.0, 1) for k in range(6)]
+    odd = records[3]["arms"]["treatment"]["features"]["f"]
+    odd["h"]["ra"] = 0.02  # same buckets read at another accuracy: a valid Summary on its own
+    assert Summary.from_state(odd).relative_accuracy == 0.02
+    engine.apply_summaries(
+        [(orjson.dumps(r), "armguard.summaries", 0, i) for i, r in enumerate(records)]
+    )
+    assert engine.counters["summaries_invalid"] == 1 and engine.counters["summaries"] == 5
+    arms = engine.states["fz"].arms
+    assert {s.relative_accuracy for a in arms.values() for s in a.features.values()} == {0.01}
+    assert arms["control"].count == 5 * 300  # nothing of the refused record was merged

@@ -391,3 +391,72 @@ def test_malformed_sparse_stores_are_rejected(store, match):
     state["h"]["p"] = store
     with pytest.raises(ValueError, match=match):
         Summary.from_state(state)
+
+
+def _state_of(values=(1.0, 2.0, 2.5, 40.0)):
+    return orjson.loads(orjson.dumps(Summary.from_values(np.asarray(values)).to_state()))
+
+
+def _set(state, path, value):
+    target = state
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        # Counts: integers in [0, 2**46) only (a negative one divided by zero later, a huge
+        # one overflowed the sums). numpy converts the list, so a float is truncated as
+        # before (and then fails the count check below if that changed the total).
+        (("h", "p", 1, 0), -1, "integers in \\[0, 2\\*\\*46\\)"),
+        (("h", "p", 1, 0), 2**46, "integers in \\[0, 2\\*\\*46\\)"),
+        (("h", "p", 1), [2**63], "counts must be a list of integers"),
+        (("h", "p", 1, 0), 10**30, "counts must be a list of integers"),
+        (("h", "p", 1, 0), "x", "counts must be a list of integers"),
+        (("h", "p", 1, 0), None, "counts must be a list of integers"),
+        (("h", "p", 1), [[1], [2]], "list of at most 2048 integers"),
+        (("h", "p", 1), [1, [2]], "counts must be a list of integers"),
+        (("h", "p", 1), [1] * 2049, "at most 2048"),
+        # Keys: those of finite values only (a huge one made a detector allocate its span).
+        (("h", "p", 0), 2**64, "integer key"),
+        (("h", "p", 0), 10**6, "integer key"),
+        (("h", "p", 0), 1.0, "integer key"),
+        (("h", "p"), [[0, 10**6], [1, 1]], "beyond those of finite values"),
+        (("h", "p"), [[-(2**70), 0], [1, 1]], "keys must be a list of integers"),
+        (("h", "mb"), 2**20, "at most 65536"),
+        (("h", "z"), -1, "zero count"),
+        (("h", "z"), 0.5, "zero count"),
+        # The count is what the histogram holds; the moments are finite.
+        (("n",), 5, "count must be the integer its histogram holds \\(4\\)"),
+        (("n",), 4.0, "count must be the integer"),
+        (("sum",), math.inf, "must be finite"),
+        (("mean",), math.nan, "must be finite"),
+        (("m2",), -1.0, "m2 >= 0"),
+        (("min",), 100.0, "min <= max"),
+        (("max",), None, "min <= max"),
+    ],
+)
+def test_malformed_states_are_refused_with_the_reason(path, value, match):
+    state = _set(_state_of(), path, value)
+    with pytest.raises(ValueError, match=match):
+        Summary.from_state(state)
+
+
+def test_the_bounds_admit_every_state_this_code_writes():
+    # Extremes: the largest and smallest finite magnitudes, both signs and zero, at the
+    # finest and coarsest accuracies, and counts near the bound.
+    tiny, huge = np.finfo(np.float64).tiny, np.finfo(np.float64).max
+    for ra in (1e-6, 0.01, 0.5):
+        for x in (tiny, huge, -tiny, -huge, 0.0, 1.0, -1.0, 5e-324):
+            s = Summary.from_values(np.array([x]), relative_accuracy=ra, max_bins=1 << 16)
+            back = Summary.from_state(orjson.loads(orjson.dumps(s.to_state())))
+            assert back.to_state() == s.to_state()
+    big = _state_of((3.0,))
+    big["h"]["p"][1] = [2**46 - 1]
+    big["n"] = 2**46 - 1
+    assert Summary.from_state(big).count == 2**46 - 1
+    empty = Summary().to_state()
+    assert Summary.from_state(empty).count == 0
