@@ -194,6 +194,8 @@ def _verdict(
         data = orjson.loads(value or b"{}").get("data") or {}
     except (orjson.JSONDecodeError, AttributeError):
         return None
+    if not isinstance(data, dict):
+        return None
     if data.get("kind") == "command_rejected":
         off = data.get("offset") or {}
         if off.get("partition") == partition and off.get("offset") == offset:
@@ -213,36 +215,45 @@ def _render(snaps: dict[str, dict[str, Any]], only: str | None) -> list[str]:
     for exp, snap in sorted(snaps.items()):
         if only and exp != only:
             continue
-        d = snap["desired"]
-        arms = ", ".join(f"{a}={s}" for a, s in d["arms"].items())
-        lines.append(f"{exp}: {d['state']} (revision {snap['revision']}; arms {arms})")
-        for row in snap["status"]["guardrails"]:
-            est, lo, hi, p = (
-                row.get("estimate"),
-                row.get("lower"),
-                row.get("upper"),
-                row.get("p_value"),
-            )
-            nums = ""
-            if est is not None:
-                nums = f" estimate {est:+.4g}"
-                if lo is not None and hi is not None:
-                    nums += f" [{lo:+.4g}, {hi:+.4g}]"
-            if p is not None:
-                nums += f" p={p:.3g}"
-            if row.get("score") is not None:
-                nums += f" score {row['score']:.3g}/{row.get('threshold') or 0:.3g}"
-            lines.append(
-                f"  {row['guardrail']:<24} {row['arm']:<14} {row['state']:<13}"
-                f" n={row['n_control']}/{row['n_treatment']}{nums}"
-            )
-        srm = snap["status"].get("srm")
-        if srm:
-            p = srm.get("p_value")
-            lines.append(
-                f"  {'srm':<24} {'all':<14} {srm['state']:<13}"
-                + (f" p={p:.3g}" if p is not None else "")
-            )
+        try:
+            lines += _render_one(exp, snap)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # another version's
+            lines.append(f"{exp}: snapshot not readable by this version ({exc!r:.80})")
+    return lines
+
+
+def _render_one(exp: str, snap: dict[str, Any]) -> list[str]:
+    lines = []
+    d = snap["desired"]
+    arms = ", ".join(f"{a}={s}" for a, s in d["arms"].items())
+    lines.append(f"{exp}: {d['state']} (revision {snap['revision']}; arms {arms})")
+    for row in snap["status"]["guardrails"]:
+        est, lo, hi, p = (
+            row.get("estimate"),
+            row.get("lower"),
+            row.get("upper"),
+            row.get("p_value"),
+        )
+        nums = ""
+        if est is not None:
+            nums = f" estimate {est:+.4g}"
+            if lo is not None and hi is not None:
+                nums += f" [{lo:+.4g}, {hi:+.4g}]"
+        if p is not None:
+            nums += f" p={p:.3g}"
+        if row.get("score") is not None:
+            nums += f" score {row['score']:.3g}/{row.get('threshold') or 0:.3g}"
+        lines.append(
+            f"  {row['guardrail']:<24} {row['arm']:<14} {row['state']:<13}"
+            f" n={row['n_control']}/{row['n_treatment']}{nums}"
+        )
+    srm = snap["status"].get("srm")
+    if srm:
+        p = srm.get("p_value")
+        lines.append(
+            f"  {'srm':<24} {'all':<14} {srm['state']:<13}"
+            + (f" p={p:.3g}" if p is not None else "")
+        )
     return lines
 
 
@@ -293,7 +304,7 @@ async def _watch_async(settings: Any, only: str | None, until_event: bool, limit
                         if isinstance(obj, dict) and "experiment" in obj:
                             snaps[obj["experiment"]] = obj
                         continue
-                    if only and obj.get("subject") != only:
+                    if not isinstance(obj, dict) or (only and obj.get("subject") != only):
                         continue
                     print(f"\nkill-switch event on {tp.topic}[{tp.partition}]@{rec.offset}:")
                     print(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
