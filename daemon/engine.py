@@ -48,6 +48,77 @@ _WAVE = 1024
 # the record is counted and skipped. Escaping apply_summaries, any of them stopped the stage at
 # every restart on the same record.
 _MALFORMED = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError)
+# Revisions and decision sequence numbers: integers orjson encodes (it refuses beyond 64 bits).
+_MAX_SEQ = 1 << 63
+# Event times (Unix seconds) an event's RFC 3339 time can say (datetime ends with year 9999).
+_MAX_TS = 253_402_300_800.0
+
+
+def _seq(v: Any) -> int:
+    """A revision or decision sequence number read from a snapshot, or ValueError."""
+    if type(v) is not int or not 0 <= v < _MAX_SEQ:
+        raise ValueError(f"not a sequence number: {v!r:.40}")
+    return v
+
+
+def _event_time(v: Any) -> float | None:
+    """An event time read from a snapshot (None: not known yet), or ValueError."""
+    if v is None:
+        return None
+    if type(v) not in (int, float) or not 0.0 <= v < _MAX_TS:
+        raise ValueError(f"not an event time: {v!r:.40}")
+    return float(v)
+
+
+def _desired(d: Any) -> tuple[str, dict[str, str]]:
+    state, arms = d["state"], d["arms"]
+    if not isinstance(arms, dict):
+        raise TypeError("desired arms must be an object")
+    if state not in SEVERITY or any(v not in SEVERITY for v in arms.values()):
+        raise ValueError(f"unknown desired state in {d!r:.80}")
+    return state, arms
+
+
+def _status(st: Any) -> tuple[float | None, dict[str, Any] | None]:
+    last_ts, last_decision = _event_time(st.get("updated_ts")), st.get("last_decision")
+    if last_decision is not None and not isinstance(last_decision, dict):
+        raise TypeError("last_decision must be an object")
+    return last_ts, last_decision
+
+
+def _overrides(o: Any) -> dict[str, float]:
+    out = {str(k): float(v) for k, v in o.items()}
+    if not all(math.isfinite(v) for v in out.values()):
+        raise ValueError("an override's expiry is not finite")
+    return out
+
+
+def _seen_commands(seen: Any) -> list[str]:
+    if not isinstance(seen, list) or not all(isinstance(c, str) for c in seen):
+        raise TypeError("seen_commands must be a list of command ids")
+    return list(seen)
+
+
+def _offset_ranges(ranges: Any) -> dict[str, list[int]]:
+    """``{"topic:partition": [first, last]}`` as ``ExperimentState.offsets`` expands them."""
+    out = {}
+    for key, r in ranges.items():
+        _, sep, part = key.rpartition(":")
+        if not (sep and part.isdigit() and isinstance(r, list) and len(r) == 2):
+            raise ValueError(f"not an offsets range: {key!r:.60}: {r!r:.60}")
+        first, last = r
+        if not (type(first) is int and type(last) is int and 0 <= first <= last < _MAX_SEQ):
+            raise ValueError(f"not an offsets range: {key!r:.60}: {r!r:.60}")
+        out[key] = [first, last]
+    return out
+
+
+def _next_tick(v: Any) -> float | None:
+    if v is None:
+        return None
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise ValueError(f"not an event time: {v!r:.40}")
+    return float(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,20 +237,20 @@ class ExperimentState:
 
     @classmethod
     def restore(cls, exp: ExperimentConfig, snap: dict[str, Any]) -> ExperimentState:
+        # The parts the engine goes on using are checked here: a value no armguard writes
+        # failed later, out of the engine (at the next snapshot, event or comparison), where
+        # it stopped the stage; refused here, the snapshot is salvaged instead (Engine._decoded).
         s = cls(exp)
-        s.revision = int(snap["revision"])
-        desired = snap["desired"]
-        s.state = desired["state"]
-        for arm, st in desired["arms"].items():
+        s.revision = _seq(snap["revision"])
+        s.state, arms = _desired(snap["desired"])
+        for arm, st in arms.items():
             if arm in s.arm_states:
                 s.arm_states[arm] = st
-        status = snap.get("status") or {}
-        s.last_ts = status.get("updated_ts")
-        s.last_decision = status.get("last_decision")
+        s.last_ts, s.last_decision = _status(snap.get("status") or {})
         internal = snap["internal"]
         s.arms = {a: ArmData.from_state(d) for a, d in internal["arms"].items()}
         s.interval = {a: ArmData.from_state(d) for a, d in internal["interval"].items()}
-        s.next_tick = internal["next_tick"]
+        s.next_tick = _next_tick(internal["next_tick"])
         for key, rst in internal["runners"].items():
             # A guardrail removed from the config is dropped; a new one starts fresh and
             # catches up on the cumulative data at the next evaluation.
@@ -187,11 +258,11 @@ class ExperimentState:
                 s.runners[key].restore(rst)
         if s.srm is not None and internal.get("srm"):
             s.srm.restore(internal["srm"])
-        s.overrides = {k: float(v) for k, v in internal["overrides"].items()}
-        s.seen_commands = list(internal["seen_commands"])
-        s.summary_offsets = {k: list(v) for k, v in internal["summary_offsets"].items()}
-        s.telemetry_offsets = {k: list(v) for k, v in internal["telemetry_offsets"].items()}
-        s.decision_seq = int(internal.get("decision_seq", 0))
+        s.overrides = _overrides(internal["overrides"])
+        s.seen_commands = _seen_commands(internal["seen_commands"])
+        s.summary_offsets = _offset_ranges(internal["summary_offsets"])
+        s.telemetry_offsets = _offset_ranges(internal["telemetry_offsets"])
+        s.decision_seq = _seq(internal.get("decision_seq", 0))
         return s
 
     @classmethod
@@ -209,34 +280,25 @@ class ExperimentState:
         internal = snap.get("internal") if isinstance(snap, dict) else None
         internal = internal if isinstance(internal, dict) else {}
 
+        # The same checks as restore's: a part kept here is one restore would have taken.
         def desired() -> None:
-            d = snap["desired"]
-            state, arms = d["state"], dict(d["arms"])
-            if state not in SEVERITY or any(v not in SEVERITY for v in arms.values()):
-                raise ValueError(f"unknown desired state in {d!r:.80}")
-            s.state = state
+            s.state, arms = _desired(snap["desired"])
             s.arm_states.update((a, v) for a, v in arms.items() if a in s.arm_states)
 
         def revision() -> None:
-            s.revision = int(snap["revision"])
-            s.decision_seq = int(internal.get("decision_seq", 0))
+            s.revision, s.decision_seq = (
+                _seq(snap["revision"]),
+                _seq(internal.get("decision_seq", 0)),
+            )
 
         def overrides() -> None:
-            s.overrides = {str(k): float(v) for k, v in internal["overrides"].items()}
+            s.overrides = _overrides(internal["overrides"])
 
         def seen_commands() -> None:
-            seen = internal["seen_commands"]
-            if not isinstance(seen, list) or not all(isinstance(c, str) for c in seen):
-                raise TypeError("seen_commands must be a list of command ids")
-            s.seen_commands = list(seen)
+            s.seen_commands = _seen_commands(internal["seen_commands"])
 
         def status() -> None:
-            st = snap["status"]
-            last_ts, last_decision = st.get("updated_ts"), st.get("last_decision")
-            if last_decision is not None and not isinstance(last_decision, dict):
-                raise TypeError("last_decision must be an object")
-            s.last_ts = None if last_ts is None else float(last_ts)
-            s.last_decision = last_decision
+            s.last_ts, s.last_decision = _status(snap["status"])
 
         if isinstance(snap, dict):
             for name, part in (
@@ -248,7 +310,7 @@ class ExperimentState:
             ):
                 try:
                     part()
-                except (KeyError, TypeError, ValueError, AttributeError):
+                except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError):
                     continue
                 kept.append(name)
         return s, tuple(kept)

@@ -871,3 +871,54 @@ def test_a_summary_of_another_accuracy_is_invalid_not_a_crash():
     arms = engine.states["fz"].arms
     assert {s.relative_accuracy for a in arms.values() for s in a.features.values()} == {0.01}
     assert arms["control"].count == 5 * 300  # nothing of the refused record was merged
+
+
+# Values a snapshot may hold in the parts the engine keeps using after a restore (or a salvage)
+# that no armguard writes and that failed later, out of the engine: at the next snapshot
+# (orjson encodes no integer beyond 64 bits), the next event (no RFC 3339 time past year 9999),
+# the next comparison of event times, or the next offsets range.
+_BAD_KEPT_PARTS = [
+    (("revision",), 1e30),
+    (("revision",), -3),
+    (("revision",), True),
+    (("internal", "decision_seq"), 1e30),
+    (("internal", "decision_seq"), -1),
+    (("desired", "state"), "stopped"),
+    (("desired", "arms", "t1"), "stopped"),
+    (("status", "updated_ts"), "yesterday"),
+    (("status", "updated_ts"), 1e300),
+    (("status", "updated_ts"), -1e12),
+    (("internal", "next_tick"), "soon"),
+    (("internal", "overrides"), {"error-proportion": "inf"}),
+    (("internal", "summary_offsets"), {"no-partition": [1, 2]}),
+    (("internal", "summary_offsets"), {"armguard.summaries:0": ["a", "b"]}),
+    (("internal", "summary_offsets"), {"armguard.summaries:0": [1]}),
+    (("internal", "telemetry_offsets"), {"tel:x": [1, 2]}),
+]
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["detectors-valid", "detector-broken"])
+@pytest.mark.parametrize("path,value", _BAD_KEPT_PARTS, ids=lambda v: repr(v)[:24])
+def test_a_snapshot_part_of_the_wrong_type_or_range_is_not_kept(config, path, value, broken):
+    _, recs, snap = _killed_with_history(config)
+    if broken:
+        _break_a_detector(snap)
+    at = snap
+    for k in path[:-1]:
+        at = at[k]
+    at[path[-1]] = value
+    e = engine_for(config)
+    e.stash("ranker", orjson.dumps(snap))
+    e.restore_pending(1)
+    (u,) = e.take_unreadable()  # unreadable, not restored with a value that fails later
+    part = {"decision_seq": "revision", "updated_ts": "status"}.get(path[-1], path[-1])
+    part = {"state": "desired", "t1": "desired"}.get(part, part)
+    assert part not in u.kept  # the offsets and next tick are never kept
+    run(e, recs[25:], start=25)
+    apply(e, signed("kill", arm="t1", reason="x", id="k9"), offset=5, ts=1_764_400_001.0)
+    apply(e, signed("resume", reason="x", id="k10"), offset=6, ts=1_764_400_002.0)
+    for o in e.snapshots():  # encoded, and restores
+        again = engine_for(config)
+        again.stash("ranker", o.value)
+        again.restore_pending(1)
+        assert again.take_unreadable() == []
