@@ -573,8 +573,10 @@ class Engine:
             ):
                 raise TypeError("bad shape")
             max_ts = span.get("max_ts")
-            # math.isfinite of an integer beyond a float's range raises OverflowError: invalid
-            if not (isinstance(max_ts, int | float) and math.isfinite(max_ts)):
+            # An event time no event can carry (not a number, NaN, before 1970 or past year
+            # 9999: the next event's RFC 3339 time raised out of here, and a snapshot holding
+            # it is unreadable) is left out; the record's summaries are still applied.
+            if type(max_ts) not in (int, float) or not 0.0 <= max_ts < _MAX_TS:
                 max_ts = None
             st = self.state_for(experiment)
             incoming: dict[str, ArmData] = {}

@@ -922,3 +922,29 @@ def test_a_snapshot_part_of_the_wrong_type_or_range_is_not_kept(config, path, va
         again.stash("ranker", o.value)
         again.restore_pending(1)
         assert again.take_unreadable() == []
+
+
+@pytest.mark.parametrize("first", [4, 0])
+@pytest.mark.parametrize("max_ts", [1e300, -1e300, 253_402_300_800.0, -1e12, -1.0])
+def test_a_summary_with_an_event_time_no_event_can_carry_is_applied_without_it(max_ts, first):
+    # A finite span.max_ts past year 9999 (or before 1970) was taken as the event time; the
+    # next decision's RFC 3339 time then raised OverflowError/ValueError out of
+    # apply_summaries, stopping the stage at every restart on that record.
+    config = parse_experiments(FUZZ_CONFIG, where="test.yaml")
+    rng = np.random.default_rng(11)
+    records = [_fuzz_record(rng, 10.0 * k + 5.0, 2) for k in range(8)]
+    engine = Engine(config, evaluation_interval_s=10.0, hmac_key=KEY)
+    engine.apply_summaries([(orjson.dumps(r), "s", 0, i) for i, r in enumerate(records[:first])])
+    st = engine.state_for("fz")
+    before = st.last_ts
+    records[first]["span"]["max_ts"] = max_ts
+    engine.apply_summaries([(orjson.dumps(records[first]), "s", 0, first)])
+    assert engine.counters["summaries"] == first + 1 and st.last_ts == before
+    kill = cmds.new_command("kill", "fz", arm="treatment", user="a", issued_at=1_764_300_000.0)
+    (audit,) = of_kind(apply(engine, orjson.dumps(cmds.sign(kill, KEY)), 1), "decisions")
+    assert audit["data"]["kind"] == "command"
+    rest = records[first + 1 :]
+    engine.apply_summaries([(orjson.dumps(r), "s", 0, 10 + i) for i, r in enumerate(rest)])
+    assert engine.counters["summaries"] == first + 1 + len(rest)
+    # The command's time stood in where there was none yet.
+    assert st.last_ts == (1_764_300_001.0 if first == 0 else records[-1]["span"]["max_ts"])
