@@ -36,6 +36,16 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _merged_moments_finite(a: Summary, b: Summary) -> bool:
+    """Whether ``a.merge_in(b)`` leaves sum, mean and m2 finite (the same arithmetic as
+    Summary's pairwise update, for two non-empty summaries)."""
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + (b.m2 + delta * delta * (a.count * b.count / n))
+    return math.isfinite(a.sum + b.sum) and math.isfinite(mean) and math.isfinite(m2)
+
+
 @dataclass
 class ArmData:
     """Cumulative (or per-interval) data of one arm: record count and a Summary per name."""
@@ -77,17 +87,25 @@ class ArmData:
                     target[name] = s if take else s.copy()
 
     def check_mergeable(self, other: ArmData) -> None:
-        """Raise ValueError, naming the summary, if :meth:`merge_in` of ``other`` would fail:
-        a summary of the same name with another relative accuracy (a record from a producer or
-        version with other settings). Checked before anything is merged."""
+        """Raise ValueError, naming the summary, if :meth:`merge_in` of ``other`` would fail
+        or leave a moment that is not finite: a summary of the same name with another relative
+        accuracy (a record from a producer or version with other settings), or moments whose
+        merge overflows (finite on their own; merged, an inf m2 held null in the snapshot,
+        which was then unreadable). Checked before anything is merged."""
         for kind in ("metrics", "features"):
             mine: dict[str, Summary] = getattr(self, kind)
             for name, s in getattr(other, kind).items():
                 have = mine.get(name)
-                if have is not None and have.relative_accuracy != s.relative_accuracy:
+                if have is None:
+                    continue
+                if have.relative_accuracy != s.relative_accuracy:
                     raise ValueError(
                         f"{kind}.{name}: relative_accuracy {s.relative_accuracy} cannot merge "
                         f"into the experiment's {have.relative_accuracy}"
+                    )
+                if have.count and s.count and not _merged_moments_finite(have, s):
+                    raise ValueError(
+                        f"{kind}.{name}: merged into the data so far, its moments overflow"
                     )
 
     def get(self, source: str, name: str) -> Summary | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import orjson
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from armguard.daemon import commands as cmds
 from armguard.daemon.engine import Engine
 from armguard.daemon.experiments import parse_experiments
+from armguard.daemon.summary_record import arm_states
 from armguard.detectors.summary import Summary
 from tests.support.summaries import RANKER_EXPERIMENTS, regression_stream, summary_record
 
@@ -948,3 +951,32 @@ def test_a_summary_with_an_event_time_no_event_can_carry_is_applied_without_it(m
     assert engine.counters["summaries"] == first + 1 + len(rest)
     # The command's time stood in where there was none yet.
     assert st.last_ts == (1_764_300_001.0 if first == 0 else records[-1]["span"]["max_ts"])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("bad_sum", [5e302, -1.7976931348623157e308])
+def test_a_summary_whose_moments_overflow_the_arms_data_is_invalid(version, bad_sum):
+    # A Summary state with finite moments, read on its own, whose merge into the data so far
+    # overflows (the means' difference squared): the arm's m2 became inf, its snapshot held
+    # null there and was unreadable at the next restart (the experiment's data lost).
+    config = parse_experiments(FUZZ_CONFIG, where="test.yaml")
+    rng = np.random.default_rng(12)
+    records = [_fuzz_record(rng, 10.0 * k + 5.0, version) for k in range(6)]
+    if version == 1:
+        m = records[3]["arms"]["treatment"]["metrics"]["m"]
+        m["sum"], m["mean"] = bad_sum, bad_sum / m["n"]
+    else:
+        records[3]["rows"]["sum"][2] = bad_sum  # treatment's m
+    assert Summary.from_state(arm_states(records[3])["treatment"]["metrics"]["m"]).m2 >= 0
+    engine = Engine(config, evaluation_interval_s=10.0)
+    engine.apply_summaries([(orjson.dumps(r), "s", 0, i) for i, r in enumerate(records)])
+    assert engine.counters["summaries_invalid"] == 1 and engine.counters["summaries"] == 5
+    st = engine.states["fz"]
+    for data in (*st.arms.values(), *st.interval.values()):
+        for s in (*data.metrics.values(), *data.features.values()):
+            assert math.isfinite(s.m2) and math.isfinite(s.sum) and math.isfinite(s.mean)
+    (out,) = engine.snapshots()
+    again = Engine(config, evaluation_interval_s=10.0)
+    again.stash("fz", out.value)
+    again.restore_pending(1)
+    assert again.take_unreadable() == []
