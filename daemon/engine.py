@@ -171,6 +171,8 @@ class ExperimentState:
         self.next_tick: float | None = None
         self.runners: dict[str, GuardrailRunner] = make_runners(exp)
         self.srm = SrmRunner(exp) if exp.srm.enabled else None
+        # (source, name) of the summaries a proportion test reads: 0 <= sum <= count each.
+        self.binary = {(g.source, g.metric) for g in exp.guardrails if g.test == "proportion"}
         self.overrides: dict[str, float] = {}  # guardrail name -> expiry (event time)
         self.seen_commands: list[str] = []
         self.summary_offsets: dict[str, list[int]] = {}
@@ -586,6 +588,13 @@ class Engine:
                     if arm in st.exp.arms:
                         incoming[arm] = parsed = ArmData()
                         parsed.merge_state(data)
+                        # A proportion's summary outside [0, count] (ingest takes any value in
+                        # a metric's range, |x| <= 1e100 if none is configured) raised out of
+                        # ProportionDifferenceTest at this or every later record.
+                        for source, name in st.binary:
+                            b = parsed.get(source, name)
+                            if b is not None and not 0.0 <= b.sum <= b.count:
+                                raise ValueError(f"{name}: a proportion's sum is not in [0, count]")
                         # A summary that cannot merge into the data so far is refused here: a
                         # ValueError while merging below stopped the stage at every restart.
                         for held in (st.arms.get(arm), st.interval.get(arm)):

@@ -980,3 +980,28 @@ def test_a_summary_whose_moments_overflow_the_arms_data_is_invalid(version, bad_
     again.stash("fz", out.value)
     again.restore_pending(1)
     assert again.take_unreadable() == []
+
+
+def test_a_proportion_metric_summary_outside_0_1_is_invalid_not_a_crash(config):
+    # Ingest summarises any value within the metric's range (|x| <= 1e100 when none is
+    # configured, as for `error` here), so one telemetry value of 3 for a proportion metric
+    # makes a valid Summary with sum > count. ProportionDifferenceTest then raised ValueError
+    # out of apply_summaries, on that record at every restart (or, merged, on every later
+    # record of the experiment).
+    recs = stream(6, n_batches=30)
+    e = engine_for(config)
+    run(e, recs[:10])
+    for k, fill, value in ((10, 1.0, 3.0), (11, 0.0, -1.0)):
+        bad = orjson.loads(recs[k])
+        arm = bad["arms"]["t1"]
+        n = arm["metrics"]["error"]["n"]
+        values = np.r_[np.full(n - 1, fill), value]  # sum n + 2, then -1
+        arm["metrics"]["error"] = Summary.from_values(values).to_state()
+        assert e.apply_summary(orjson.dumps(bad), topic="s", partition=0, offset=k) == []
+    assert e.counters["summaries_invalid"] == 2
+    run(e, recs[12:], start=12)
+    assert e.counters["summaries"] == 28
+    ref = engine_for(config)
+    run(ref, recs[:10])
+    run(ref, recs[12:], start=12)
+    assert e.states["ranker"].rows() == ref.states["ranker"].rows()
