@@ -256,8 +256,16 @@ class ExperimentState:
         for key, rst in internal["runners"].items():
             # A guardrail removed from the config is dropped; a new one starts fresh and
             # catches up on the cumulative data at the next evaluation.
-            if key in s.runners:
-                s.runners[key].restore(rst)
+            # So does one that reads another metric or runs another test now (same name).
+            r = s.runners.get(key)
+            row = rst.get("status") or {}
+            seen = (row.get("metric"), row.get("test")) if "metric" in row else None
+            if r is not None and seen in (None, (r.g.metric, r.g.test)):
+                r.restore(rst)
+                # A sequential test that has seen more than the data holds (restored with
+                # other data) raised "counts went down" at every record: it starts again too.
+                if r.sequential and not r.fits(s.arms, rst["detector"]):
+                    s.runners[key] = GuardrailRunner(exp, r.g, r.arm, r.alpha)
         if s.srm is not None and internal.get("srm"):
             s.srm.restore(internal["srm"])
         s.overrides = _overrides(internal["overrides"])

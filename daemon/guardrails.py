@@ -240,6 +240,17 @@ class GuardrailRunner:
         return self.g.test in ("mean", "proportion")
 
     # -- evaluation ---------------------------------------------------------------------------
+    def fits(self, arms: dict[str, ArmData], seen: dict[str, Any]) -> bool:
+        """Whether a sequential test whose state is ``seen`` has seen no more values a side
+        than ``arms`` hold of its metric: restored with other data (the guardrail, same name,
+        now reads another metric), its next update raised "counts went down" at every record."""
+        for arm, n in ((self.exp.control, seen["n_control"]), (self.arm, seen["n_treatment"])):
+            data = arms.get(arm)
+            s = data.get(self.g.source, self.g.metric) if data else None  # type: ignore[arg-type]
+            if n > (s.count if s else 0):
+                return False
+        return True
+
     def evaluate_cumulative(self, arms: dict[str, ArmData]) -> None:
         """Sequential tests: run on the cumulative control and treatment data."""
         g, st = self.g, self.status

@@ -1005,3 +1005,45 @@ def test_a_proportion_metric_summary_outside_0_1_is_invalid_not_a_crash(config):
     run(ref, recs[:10])
     run(ref, recs[12:], start=12)
     assert e.states["ranker"].rows() == ref.states["ranker"].rows()
+
+
+_RENAMED = """
+experiments:
+  - id: cx
+    control: control
+    arms: {control: 0.5, treatment: 0.5}
+    guardrails:
+      - {name: g, metric: METRIC, test: mean, harmful: increase, min_samples: 50}
+"""
+
+
+@pytest.mark.parametrize("q_before", [False, True])
+def test_a_guardrail_that_reads_another_metric_after_a_config_change_starts_again(q_before):
+    # The operator points guardrail g at another metric and restarts: the snapshot's test for
+    # g had seen 500 values a side, the new metric has fewer, and its next update raised
+    # "summaries must be cumulative: counts went down" out of apply_summaries, at every record
+    # of the experiment and every restart.
+    rng = np.random.default_rng(4)
+
+    def record(k, names):
+        arms = {a: {n: rng.normal(10.0, 1.0, 100) for n in names} for a in ("control", "treatment")}
+        return summary_record("cx", arms, t0=k, t1=k + 1, offset_first=k, offset_last=k)
+
+    before = Engine(parse_experiments(_RENAMED.replace("METRIC", "m"), where="a.yaml"))
+    for k in range(5):  # q summarised already (another guardrail's) or not
+        before.apply_summary(
+            record(k, ["m", "q"] if q_before else ["m"]), topic="s", partition=0, offset=k
+        )
+    assert before.states["cx"].runners["g/treatment"].status.n_control == 500
+    (snap,) = before.snapshots()
+    after = Engine(parse_experiments(_RENAMED.replace("METRIC", "q"), where="b.yaml"))
+    after.stash("cx", snap.value)
+    for k in range(5, 8):
+        after.apply_summary(record(k, ["m", "q"]), topic="s", partition=0, offset=k)
+    st = after.states["cx"]
+    assert after.counters["summaries"] == 3 and not after.take_unreadable()
+    assert st.arms["control"].metrics["m"].count == 800  # the data is kept
+    status = st.runners["g/treatment"].status
+    n = 800 if q_before else 300
+    assert (status.n_control, status.n_treatment) == (n, n)  # the test caught up on q
+    assert st.runners["g/treatment"].detector.to_state()["looks"] == 3  # not m's 5 + 3
