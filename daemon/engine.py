@@ -252,6 +252,11 @@ class ExperimentState:
         internal = snap["internal"]
         s.arms = {a: ArmData.from_state(d) for a, d in internal["arms"].items()}
         s.interval = {a: ArmData.from_state(d) for a, d in internal["interval"].items()}
+        for data in (*s.arms.values(), *s.interval.values()):
+            for source, name in s.binary:  # as the records' check: the proportion test raised
+                b = data.get(source, name)
+                if b is not None and not 0.0 <= b.sum <= b.count:
+                    raise ValueError(f"{name}: a proportion's sum is not in [0, count]")
         s.next_tick = _next_tick(internal["next_tick"])
         for key, rst in internal["runners"].items():
             # A guardrail removed from the config is dropped; a new one starts fresh and
