@@ -271,8 +271,12 @@ class ExperimentState:
                 # other data) raised "counts went down" at every record: it starts again too.
                 if r.sequential and not r.fits(s.arms, rst["detector"]):
                     s.runners[key] = GuardrailRunner(exp, r.g, r.arm, r.alpha)
+        # An SRM test of other arms or another split (the config changed), or that counted
+        # more units than the data holds, raised "unknown arms" or "counts must be
+        # cumulative" at every record, or tested the old split: it starts again instead.
         if s.srm is not None and internal.get("srm"):
-            s.srm.restore(internal["srm"])
+            if s.srm.fits(s.arms, internal["srm"]["detector"]):
+                s.srm.restore(internal["srm"])
         s.overrides = _overrides(internal["overrides"])
         s.seen_commands = _seen_commands(internal["seen_commands"])
         s.summary_offsets = _offset_ranges(internal["summary_offsets"])

@@ -411,6 +411,20 @@ class SrmRunner:
             allocation=dict(exp.arms), alpha=self.cfg.alpha, min_samples=self.cfg.min_samples
         )
 
+    def fits(self, arms: dict[str, ArmData], seen: dict[str, Any]) -> bool:
+        """Whether a test whose state is ``seen`` has this experiment's arms, split and
+        settings (those of this runner's detector, before it is restored), and has counted
+        no more units of an arm than ``arms`` hold."""
+        if seen["params"] != self.detector.to_state()["params"]:
+            return False
+        counts = seen["counts"]
+        if not isinstance(counts, list) or len(counts) != len(self.exp.arms):
+            return False
+        return all(
+            n <= (arms[a].count if a in arms else 0)
+            for a, n in zip(self.exp.arms, counts, strict=True)
+        )
+
     def evaluate(self, arms: dict[str, ArmData]) -> None:
         counts = {a: (arms[a].count if a in arms else 0) for a in self.exp.arms}
         r = self.detector.update(counts)

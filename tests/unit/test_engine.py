@@ -1050,3 +1050,29 @@ def test_a_guardrail_that_reads_another_metric_after_a_config_change_starts_agai
     n = 800 if q_before else 300
     assert (status.n_control, status.n_treatment) == (n, n)  # the test caught up on q
     assert st.runners["g/treatment"].detector.to_state()["looks"] == 3  # not m's 5 + 3
+
+
+@pytest.mark.parametrize("change", ["arm_added", "split_changed", "arm_count_lower"])
+def test_the_srm_check_restored_for_other_arms_or_counts_starts_again(config, change):
+    # Adding an arm (or changing the split) and restarting: the SRM test restored with the
+    # old allocation raised "unknown arms" out of apply_summaries at every record of the
+    # experiment and every restart; restored with more units than the data holds, "counts
+    # must be cumulative".
+    _, recs, snap = _killed_with_history(config)
+    yaml = CONFIG
+    if change == "arm_added":
+        yaml = CONFIG.replace("t1: 0.33, t2: 0.33}", "t1: 0.33, t2: 0.23, t3: 0.1}")
+    elif change == "split_changed":
+        yaml = CONFIG.replace(
+            "{control: 0.34, t1: 0.33, t2: 0.33}", "{control: 0.5, t1: 0.25, t2: 0.25}"
+        )
+    else:
+        snap["internal"]["arms"]["t1"]["count"] -= 1000
+    assert yaml != CONFIG or change == "arm_count_lower"
+    e = engine_for(parse_experiments(yaml, where="b.yaml"))
+    e.stash("ranker", orjson.dumps(snap))
+    run(e, recs[25:], start=25)
+    st = e.states["ranker"]
+    assert e.counters["summaries"] == 5 and not e.take_unreadable()
+    assert st.srm.detector.to_state()["looks"] == 5  # a new test, caught up on the data
+    assert st.arm_states["t1"] == "killed"  # the rest of the state is kept
