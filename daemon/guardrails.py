@@ -120,8 +120,12 @@ class ArmData:
 
     @classmethod
     def from_state(cls, st: dict[str, Any]) -> ArmData:
+        count = st["count"]
+        # A negative or non-integer count raised out of the SRM test at the next record.
+        if type(count) is not int or not 0 <= count < 1 << 63:
+            raise ValueError(f"an arm's count must be an integer in [0, 2**63), got {count!r:.40}")
         return cls(
-            count=int(st["count"]),
+            count=count,
             metrics={k: Summary.from_state(v) for k, v in st["metrics"].items()},
             features={k: Summary.from_state(v) for k, v in st["features"].items()},
         )

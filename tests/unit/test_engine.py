@@ -900,6 +900,9 @@ _BAD_KEPT_PARTS = [
     # a proportion's cumulative summary with a sum outside [0, count]: its test raised
     (("internal", "arms", "t1", "metrics", "error", "sum"), -5.0),
     (("internal", "arms", "control", "metrics", "error", "sum"), 1e9),
+    # an arm's unit count that is negative or not an integer: the SRM test raised
+    (("internal", "arms", "control", "count"), -9600),
+    (("internal", "arms", "control", "count"), 1e30),
 ]
 
 
