@@ -131,6 +131,8 @@ def _decode(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         section, name = series[name_of[r]]
         if section not in sections:
             raise TypeError(f"unknown section {section!r}")
+        if type(name) is not str:  # merged under it, it failed the next snapshot's sort
+            raise TypeError(f"a series name must be a string, got {name!r:.40}")
         out[names[arm_of[r]]][section][name] = {
             "v": 1,
             "n": count,

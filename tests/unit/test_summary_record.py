@@ -253,6 +253,10 @@ BAD = [
     _bad(("names",), [["logs", "latency_ms"]]),
     _bad(("names",), [["metrics"]]),
     _bad(("names",), []),
+    # a name that is not a string: merged under it, the next snapshot's sorted() of the names
+    # raised TypeError out of the evaluate stage (on that uncommitted record at every restart)
+    _bad(("names",), [["metrics", 7]]),
+    _bad(("names",), [["metrics", None]]),
     _bad(("rows", "arm"), [1]),
     _bad(("rows", "arm"), [-1]),
     _bad(("rows", "name"), [-1]),
