@@ -50,7 +50,9 @@ _WAVE = 1024
 _MALFORMED = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError)
 # Revisions and decision sequence numbers: integers orjson encodes (it refuses beyond 64 bits).
 _MAX_SEQ = 1 << 63
-# Event times (Unix seconds) an event's RFC 3339 time can say (datetime ends with year 9999).
+# Event times (Unix seconds) an event's RFC 3339 time can say: datetime's years 1 to 9999.
+# (A command record without a Kafka timestamp has the time -0.001.)
+_MIN_TS = -62_135_596_800.0
 _MAX_TS = 253_402_300_800.0
 
 
@@ -65,7 +67,7 @@ def _event_time(v: Any) -> float | None:
     """An event time read from a snapshot (None: not known yet), or ValueError."""
     if v is None:
         return None
-    if type(v) not in (int, float) or not 0.0 <= v < _MAX_TS:
+    if type(v) not in (int, float) or not _MIN_TS <= v < _MAX_TS:
         raise ValueError(f"not an event time: {v!r:.40}")
     return float(v)
 
@@ -592,10 +594,10 @@ class Engine:
             ):
                 raise TypeError("bad shape")
             max_ts = span.get("max_ts")
-            # An event time no event can carry (not a number, NaN, before 1970 or past year
+            # An event time no event can carry (not a number, NaN, before year 1 or past year
             # 9999: the next event's RFC 3339 time raised out of here, and a snapshot holding
             # it is unreadable) is left out; the record's summaries are still applied.
-            if type(max_ts) not in (int, float) or not 0.0 <= max_ts < _MAX_TS:
+            if type(max_ts) not in (int, float) or not _MIN_TS <= max_ts < _MAX_TS:
                 max_ts = None
             st = self.state_for(experiment)
             incoming: dict[str, ArmData] = {}

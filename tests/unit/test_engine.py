@@ -934,9 +934,9 @@ def test_a_snapshot_part_of_the_wrong_type_or_range_is_not_kept(config, path, va
 
 
 @pytest.mark.parametrize("first", [4, 0])
-@pytest.mark.parametrize("max_ts", [1e300, -1e300, 253_402_300_800.0, -1e12, -1.0])
+@pytest.mark.parametrize("max_ts", [1e300, -1e300, 253_402_300_800.0, -1e12, -62_135_596_801.0])
 def test_a_summary_with_an_event_time_no_event_can_carry_is_applied_without_it(max_ts, first):
-    # A finite span.max_ts past year 9999 (or before 1970) was taken as the event time; the
+    # A finite span.max_ts past year 9999 (or before year 1) was taken as the event time; the
     # next decision's RFC 3339 time then raised OverflowError/ValueError out of
     # apply_summaries, stopping the stage at every restart on that record.
     config = parse_experiments(FUZZ_CONFIG, where="test.yaml")
@@ -1178,3 +1178,19 @@ def test_perturbed_snapshots_never_stop_the_engine():
         apply(e, signed("resume", id="z2"), offset=6, ts=1_764_400_002.0)
         for out in e.snapshots():
             assert _restores(config, out.value), seed
+
+
+def test_a_command_without_a_kafka_timestamp_leaves_a_snapshot_that_restores(config):
+    # A record with no timestamp (-1 ms in Kafka) gives a command the event time -0.001 s, an
+    # RFC 3339 time like any other (1969-12-31T23:59:59.999Z); the snapshot holding it must
+    # restore, not be dead-lettered as unreadable.
+    e = engine_for(config)
+    kill = signed("kill", arm="t1", id="n1", issued_at=-0.001)
+    e.command_max_age_s = 1e12
+    (event,) = of_kind(apply(e, kill, ts=-0.001), "killswitch")
+    assert event["time"] == "1969-12-31T23:59:59.999Z"
+    (snap,) = e.snapshots()
+    again = engine_for(config)
+    again.stash("ranker", snap.value)
+    again.restore_pending(1)
+    assert again.take_unreadable() == [] and again.states["ranker"].last_ts == -0.001
