@@ -184,15 +184,20 @@ def _listed(packed: _Packed) -> list:
     return [x if type(x) is str else list(x) for x in packed]
 
 
-def _unpack_stores(packed: list[list]) -> tuple:
+def _unpack_stores(packed: list[list], key_limit: int) -> tuple:
+    """Stores of a state, checked: integer offsets, keys within ``key_limit`` of 0 (no finite
+    value has others, and the layout spans them all: a state's offset of 1e9 allocated
+    gigabytes), a zero-bucket count >= 0."""
     (n_off, zero, p_off), n_counts, p_counts = packed
-    return (
-        int(n_off),
-        _decode_counts(n_counts),
-        int(zero),
-        int(p_off),
-        _decode_counts(p_counts),
-    )
+    n_counts, p_counts = _decode_counts(n_counts), _decode_counts(p_counts)
+    for off, counts in ((n_off, n_counts), (p_off, p_counts)):
+        if type(off) is not int or (
+            counts.shape[0] and not -key_limit <= off <= key_limit - counts.shape[0] + 1
+        ):
+            raise ValueError(f"a histogram's first key must be an integer key, got {off!r:.40}")
+    if type(zero) is not int or zero < 0:
+        raise ValueError(f"a histogram's zero count must be an integer >= 0, got {zero!r:.40}")
+    return n_off, n_counts, zero, p_off, p_counts
 
 
 def _trimmed(counts: np.ndarray, offset: int) -> tuple[int, np.ndarray]:
@@ -846,9 +851,10 @@ class WindowDrift(_HistogramDrift):
         relative_accuracy = state.get("relative_accuracy")
         if relative_accuracy is not None:
             det._start_keys(float(relative_accuracy))
-            det._window = [_unpack_stores(b) for b in state["window"]]
-            reference = _unpack_stores(state["reference"]) if det._n_reference else None
             assert det._keys is not None
+            limit = math.ceil(710.0 / det._keys.log_gamma) + 1  # as LogHistogram.from_state
+            det._window = [_unpack_stores(b, limit) for b in state["window"]]
+            reference = _unpack_stores(state["reference"], limit) if det._n_reference else None
             det._keys = _Keys.build(det._keys.log_gamma, reference, det._window)
         else:
             det._reference = _unpack(state["reference"])

@@ -582,3 +582,27 @@ def test_states_with_count_lists_restore_to_the_same_detector_as_packed_ones():
         assert from_old.to_state() == from_new.to_state()
         assert from_old.score.hex() == from_new.score.hex()
     assert from_old.n_alarms == from_new.n_alarms
+
+
+@pytest.mark.parametrize(
+    "where, value",
+    [
+        (("window", 0, 0, 2), 200_000),  # a positive store's first key no finite value has
+        (("reference", 0, 2), -200_000),  # its first key below those of finite values
+        (("reference", 0, 2), 35_500),  # its last key beyond those of finite values
+        (("window", 0, 0, 1), -1),  # a negative zero-bucket count
+        (("window", 0, 0, 2), 1.5),  # an offset that is not an integer
+    ],
+)
+def test_keyed_states_with_keys_no_finite_value_has_are_refused(where, value):
+    # The keyed layout spans every key from the lowest to the highest offset of the reference
+    # and windows: an offset of 1e9 in a state made from_state or the next update allocate
+    # gigabytes (the process was killed, at every restart of a daemon restoring it). Keys are
+    # bounded as LogHistogram.from_state bounds them (55d3d7d); these allocate little.
+    state = WindowDrift.from_state(json.loads(OLD_KEYED_STATE)).to_state()
+    at = state
+    for k in where[:-1]:
+        at = at[k]
+    at[where[-1]] = value
+    with pytest.raises(ValueError, match=r"key|zero"):
+        WindowDrift.from_state(state)  # restored, the first two raised at the next update
