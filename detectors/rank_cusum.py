@@ -287,8 +287,12 @@ class RankCUSUM(_EdgeAlarm):
         det = cls(**state["params"])
         det._ref = [float(v) for v in state["ref"]]
         det._n = int(state["n"])
+        m = len(det.components)
         for name in ("prev", "sxx", "sxy", "rho", "up", "down"):
-            setattr(det, "_" + name, [float(v) for v in state[name]])
+            values = [float(v) for v in state[name]]
+            if len(values) != m:  # else the next update raised IndexError
+                raise ValueError(f"{name} must hold one number per component ({m})")
+            setattr(det, "_" + name, values)
         det._score = float(state["score"])
         det._component = state["component"]
         det._rng_state = int(state["rng_state"], 16)

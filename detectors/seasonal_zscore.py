@@ -848,6 +848,9 @@ class SeasonalZScore(_EdgeAlarm):
         det._n = int(state["n"])
         det._season = [float(v) for v in state["season"]]
         det._visits = [float(v) for v in state["visits"]]
+        for name in ("season", "visits"):  # else the next update raised IndexError
+            if len(getattr(det, "_" + name)) != det.season_bins:
+                raise ValueError(f"{name} must hold one number per season bin ({det.season_bins})")
         det._calm = int(state["calm"])
         det._n_tail = int(state["n_tail"])
         det._n_exceed = int(state["n_exceed"])

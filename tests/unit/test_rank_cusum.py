@@ -289,3 +289,17 @@ def test_alarms_invariant_under_increasing_transforms(seed, scale, shift):
         b.update(shift + scale * xi)
         c.update(math.exp(xi / 4))
         assert a.to_dict() == b.to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("name", ["prev", "sxx", "sxy", "rho", "up", "down"])
+def test_a_state_with_a_list_of_another_length_is_refused(name):
+    # One number per component: a state with a list cut short restored, and the next update
+    # raised IndexError (out of the evaluate stage, at every record of the experiment).
+    det = RankCUSUM(reference_size=50, warmup=20)
+    rng = np.random.default_rng(3)
+    for x in rng.normal(size=60):
+        det.update(float(x))
+    state = json.loads(json.dumps(det.to_state()))
+    state[name] = state[name][:-1]
+    with pytest.raises(ValueError, match=name):
+        RankCUSUM.from_state(state)

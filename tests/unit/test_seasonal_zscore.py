@@ -765,3 +765,16 @@ def test_sparse_counts_with_min_scale_are_the_plain_update_bit_for_bit():
         fast.update(xi, ti)
         plain.update(xi, ti)
         assert fast.to_state() == plain.to_state()
+
+
+@pytest.mark.parametrize("name", ["season", "visits"])
+def test_a_state_with_season_lists_of_another_length_is_refused(name):
+    # One number per season bin: a state with the list cut (emptied here) restored, and the
+    # next update raised IndexError (out of the evaluate stage, at every record).
+    det = SeasonalZScore(season_bins=24)
+    for i in range(30):
+        det.update(float(i % 5), 3600.0 * i)
+    state = json.loads(json.dumps(det.to_state()))
+    state[name] = []
+    with pytest.raises(ValueError, match=name):
+        SeasonalZScore.from_state(state)
