@@ -54,8 +54,12 @@ def _decode_counts(packed: Any) -> np.ndarray:
     """Counts packed by ``_encode_counts`` (or a list of them, from an older state)."""
     if not isinstance(packed, str):
         counts = np.asarray(packed, dtype=np.int64)
-        if counts.ndim != 1:
-            raise ValueError(f"histogram counts must be a list of integers, got {packed!r:.80}")
+        # A negative count (no packed string can hold one) was restored, and a snapshot of
+        # the detector afterwards held null for NaN and was unreadable (seeded state fuzz).
+        if counts.ndim != 1 or (counts.shape[0] and int(counts.min()) < 0):
+            raise ValueError(
+                f"histogram counts must be a list of integers >= 0, got {packed!r:.80}"
+            )
         return counts
     if not packed:
         return np.zeros(0, dtype=np.int64)

@@ -555,6 +555,7 @@ def test_packed_counts_take_the_narrowest_width_and_read_back_exactly(counts, wi
         ("1AQ!D", "not valid base64"),
         ("8" + base64.b64encode((2**63).to_bytes(8, "little")).decode(), "does not fit"),
         ([[1, 2]], "list of integers"),
+        ([1, -2, 3], "list of integers"),  # a negative count (an old-format list)
     ],
 )
 def test_malformed_packed_counts_are_refused_with_the_reason(packed, message):
