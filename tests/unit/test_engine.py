@@ -1194,3 +1194,27 @@ def test_a_command_without_a_kafka_timestamp_leaves_a_snapshot_that_restores(con
     again.stash("ranker", snap.value)
     again.restore_pending(1)
     assert again.take_unreadable() == [] and again.states["ranker"].last_ts == -0.001
+
+
+def test_perturbed_snapshots_with_drift_change_and_anomaly_detectors_never_stop_the_engine():
+    """As above for an experiment whose guardrails hold WindowDrift, TwoSampleDrift,
+    RankCUSUM and SeasonalZScore states: the perturbed snapshot is restored or salvaged and
+    the records after it apply without raising (seeds 47, 155 and 199 cut a detector's
+    per-season or per-component list, which raised IndexError at the next update)."""
+    import json
+    import random
+
+    config = parse_experiments(FUZZ_CONFIG, where="test.yaml")
+    rng = np.random.default_rng(5)
+    recs = [orjson.dumps(_fuzz_record(rng, 10.0 * k + 5.0, 2)) for k in range(50)]
+    first = Engine(config, evaluation_interval_s=10.0)
+    first.apply_summaries([(r, "s", 0, i) for i, r in enumerate(recs[:40])])
+    snap = first.snapshots()[-1].value
+    for seed in [*range(120), 155, 199]:
+        pick = random.Random(seed)
+        raw = json.dumps(_perturb(pick, orjson.loads(snap), pick.randint(1, 3))).encode()
+        e = Engine(config, evaluation_interval_s=10.0)
+        e.stash("fz", raw)
+        results = e.apply_summaries([(r, "s", 0, 40 + i) for i, r in enumerate(recs[40:])])
+        assert len(results) == 10 and e.counters["summaries"] == 10, seed
+        e.snapshots()
