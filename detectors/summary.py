@@ -717,25 +717,6 @@ class Summary:
         s.update_many(values)
         return s
 
-    @classmethod
-    def from_moments(
-        cls, *, count: int, mean: float, variance: float, relative_accuracy: float = 0.01
-    ) -> Summary:
-        """A summary from its moments only (no histogram), e.g. for simulations and tests.
-
-        ``sum = count * mean``, ``m2 = variance * (count - 1)``; min, max and quantiles are
-        unknown (``None``).
-        """
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count!r}")
-        s = cls(relative_accuracy=relative_accuracy)
-        if count:
-            s._count = int(count)
-            s._mean = float(mean)
-            s._sum = float(mean) * count
-            s._m2 = float(variance) * max(count - 1, 0)
-        return s
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Summary):
             return NotImplemented

@@ -265,13 +265,6 @@ def test_merge_requires_same_accuracy():
         Summary(relative_accuracy=0.01).merge(Summary(relative_accuracy=0.02))
 
 
-def test_from_moments():
-    s = Summary.from_moments(count=10, mean=2.0, variance=4.0)
-    assert (s.count, s.sum, s.mean, s.variance) == (10, 20.0, 2.0, 4.0)
-    assert s.quantile(0.5) is None
-    assert math.isclose(s.m2, 36.0)
-
-
 # -- state encoding: dense or sparse per store ---------------------------------------------------
 
 # Values in a few adjacent buckets (dense wins) or spread over many (sparse wins), either sign.
