@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from types import SimpleNamespace
 from typing import Any
 
@@ -301,16 +302,21 @@ class EvaluateStage:
             async with self._lock:
                 if p not in self._producers:
                     continue  # revoked while we were fetching; the new owner processes it
-                try:
-                    await self._process_partition(p, items)
-                except ProducerFenced:
-                    # Another instance owns this partition now: we are the zombie. Stop loudly;
-                    # the orchestrator restarts us and the group gives us fresh partitions.
-                    raise
-                except KafkaError as exc:
-                    log.warning("partition %d: transaction failed (%r); recovering", p, exc)
-                    self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
-                    await self._recover(p)
+                await self._or_recover(p, self._process_partition(p, items))
+
+    async def _or_recover(self, p: int, work: Awaitable[None]) -> None:
+        """Await partition ``p``'s transactional ``work``; if its transaction fails, rebuild
+        the partition from its last commit (``_recover``)."""
+        try:
+            await work
+        except ProducerFenced:
+            # Another instance owns this partition now: we are the zombie. Stop loudly;
+            # the orchestrator restarts us and the group gives us fresh partitions.
+            raise
+        except KafkaError as exc:
+            log.warning("partition %d: transaction failed (%r); recovering", p, exc)
+            self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
+            await self._recover(p)
 
     async def _recover(self, p: int) -> None:
         """Redo partition p from its last commit: the in-memory state ran ahead of what was
@@ -450,14 +456,7 @@ class EvaluateStage:
                 if st is not None:
                     snap = orjson.dumps(st.snapshot(self.engine.version))
                     outputs.append(Output("state", o.key, snap))
-            try:
-                await self._commit(p, outputs, {})
-            except ProducerFenced:
-                raise
-            except KafkaError as exc:
-                log.warning("partition %d: transaction failed (%r); recovering", p, exc)
-                self.metrics.transactions.labels(stage=self.name, outcome="aborted").inc()
-                await self._recover(p)
+            await self._or_recover(p, self._commit(p, outputs, {}))
 
     async def _commit(
         self, p: int, outputs: list[Output], offsets: dict[TopicPartition, int]
