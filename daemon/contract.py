@@ -271,6 +271,14 @@ class Contract:
             feature_names |= features
             mr = _ranges(e.metrics, metrics)
             fr = _ranges(e.features, features)
+            # A proportion guardrail's values are 0/1 outcomes: a value outside [0, 1] is
+            # dead-lettered here (out_of_range), one record, instead of making the summary of
+            # the whole flush invalid in the evaluate stage (its sum outside [0, count]).
+            for g in e.guardrails:
+                if g.test == "proportion" and g.metric:
+                    table = fr if g.source == "feature" else mr
+                    lo, hi = table[g.metric]
+                    table[g.metric] = (max(lo, 0.0), min(hi, 1.0))
             mr = interned.setdefault(tuple(mr.items()), mr)
             fr = interned.setdefault(tuple(fr.items()), fr)
             exp_ranges.append((mr, fr))

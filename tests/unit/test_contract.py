@@ -467,3 +467,45 @@ def test_distinct_pairs_counts_each_group_key_pair(groups, key_span):
     want, want_counts = np.unique(np.c_[seg, keys], axis=0, return_counts=True)
     assert pair_seg.tolist() == want[:, 0].tolist() and pair_key.tolist() == want[:, 1].tolist()
     assert counts.tolist() == want_counts.tolist()
+
+
+def test_a_proportion_guardrails_values_outside_0_1_are_dead_lettered():
+    # No range configured for "err": ingest took any |x| <= 1e100, and one value of 3 made
+    # the evaluate stage refuse the summary of the whole flush (sum outside [0, count]).
+    experiments = parse_experiments(
+        """
+experiments:
+  - id: shop
+    control: a
+    arms: {a: 0.5, b: 0.5}
+    metrics:
+      spend: {max: 50}
+    guardrails:
+      - {metric: err, test: proportion}
+      - {metric: spend, test: proportion}
+      - {metric: rate, source: feature, test: proportion}
+      - {metric: latency, test: mean}
+""",
+        where="test.yaml",
+    )
+    contract = Contract(experiments, IngestSettings())
+
+    def verdict(**fields):
+        body = {"experiment": "shop", "arm": "b", "ts": NOW, **fields}
+        return contract.decode(orjson.dumps(body), now=NOW)
+
+    for ok in ({"err": 0}, {"err": 1}, {"err": 0.25}, {"spend": 1}, {"latency": 3e5}):
+        assert isinstance(verdict(metrics=ok), Accepted), ok
+    assert isinstance(verdict(features={"rate": 1.0}), Accepted)
+    for bad in ({"err": 3}, {"err": -0.5}, {"spend": 2}, {"err": 1.0000001}):
+        got = verdict(metrics=bad)
+        assert isinstance(got, Rejected) and got.reason == "out_of_range", bad
+    got = verdict(features={"rate": 7})
+    assert isinstance(got, Rejected) and got.reason == "out_of_range"
+    # The batch path (what ingest runs) agrees.
+    records = [
+        RawRecord(i, orjson.dumps({"experiment": "shop", "arm": "b", "ts": NOW, "metrics": m}))
+        for i, m in enumerate([{"err": 0}, {"err": 3}, {"err": 1}, {"spend": 2}])
+    ]
+    flush = fold_all(contract, "t", 0, records, now=NOW)
+    assert flush.deadlettered == {"out_of_range": 2} and flush.summarised == 2
