@@ -34,7 +34,8 @@ def event_id(*parts: object) -> str:
 def rfc3339(ts: float | None) -> str:
     """Unix seconds to RFC 3339 UTC with milliseconds; the epoch when unknown."""
     dt = datetime.fromtimestamp(ts or 0.0, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # The year with four digits: glibc's %Y writes year 1 as "1", not RFC 3339's "0001".
+    return f"{dt.year:04d}" + dt.strftime("-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 def cloud_event(
