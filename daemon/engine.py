@@ -493,8 +493,16 @@ class Engine:
         """Merge one summary record and evaluate; returns the events and decisions to publish."""
         return self.apply_summaries([(value, topic, partition, offset)])[0]
 
-    def apply_summaries(self, records: Sequence[tuple[bytes, str, int, int]]) -> list[list[Output]]:
+    def apply_summaries(
+        self,
+        records: Sequence[tuple[bytes, str, int, int]],
+        keys: Sequence[bytes | None] | None = None,
+    ) -> list[list[Output]]:
         """:meth:`apply_summary` for a run of ``(value, topic, partition, offset)`` records.
+
+        ``keys``, the records' Kafka keys, if given: a record of a configured experiment whose
+        key is not that experiment's id (UTF-8) is counted invalid and skipped (the evaluate
+        stage passes them; replay and tests need not).
 
         Returns each record's outputs, in record order, exactly as applying the records one by
         one would. Each experiment's records are applied strictly in order; experiments are
@@ -557,7 +565,13 @@ class Engine:
         # frees is freed by reference counting.
         with gc_paused():
             for i, (value, topic, partition, offset) in enumerate(records):
-                gen = self._summary_steps(value, topic=topic, partition=partition, offset=offset)
+                gen = self._summary_steps(
+                    value,
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    key=None if keys is None else keys[i],
+                )
                 try:
                     experiment = next(gen)  # decoded and validated; nothing merged yet
                 except StopIteration as done:
@@ -577,7 +591,7 @@ class Engine:
         return outputs
 
     def _summary_steps(
-        self, value: bytes, *, topic: str, partition: int, offset: int
+        self, value: bytes, *, topic: str, partition: int, offset: int, key: bytes | None = None
     ) -> Generator[Any, None, list[Output]]:
         """One summary record, as a generator: yields the experiment id once decoded, then the
         ``(detector, input)`` drift updates it needs (the caller performs them; ``input`` is a
@@ -601,6 +615,11 @@ class Engine:
                 max_ts = None
             st = self.state_for(experiment)
             incoming: dict[str, ArmData] = {}
+            if st is not None and key is not None and key != experiment.encode():
+                # Records are partitioned by key, and an experiment belongs to the owner of
+                # its key's partition: applied here, it would also live on this partition's
+                # owner (and its snapshots in this state partition), two owners deciding.
+                raise ValueError("the record's key is not its experiment")
             if st is not None:
                 # Every summary is read before any is merged: a bad one leaves no trace.
                 for arm, data in arms.items():

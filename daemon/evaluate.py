@@ -363,7 +363,8 @@ class EvaluateStage:
                 run = items[i:j]
                 i = j
                 results = self.engine.apply_summaries(
-                    [(r.value or b"", t.topic, p, r.offset) for t, r in run]
+                    [(r.value or b"", t.topic, p, r.offset) for t, r in run],
+                    keys=[r.key or b"" for _, r in run],
                 )
                 for (t, r), outs in zip(run, results, strict=True):
                     offsets[t] = max(offsets.get(t, 0), r.offset + 1)

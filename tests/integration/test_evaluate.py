@@ -153,7 +153,9 @@ async def test_unusable_summaries_are_skipped_and_counted_not_silent(setup):
     other = orjson.dumps({**orjson.loads(records[0]), "experiment": "not-configured"})
     # The unusable records sit among good ones; the good ones still decide.
     await setup.feed([*records[:3], *bad, other, *records[3:]])
-    await setup.processed(len(records) + len(bad) + 1)
+    # A good record of the experiment under another key: it would make two owners.
+    await produce(setup.bootstrap, setup.topics.summaries, [(b"not-ranker", records[5])])
+    await setup.processed(len(records) + len(bad) + 2)
     assert [e["data"]["arms"]["t1"] for e in await setup.killswitch()] == ["killed"]
 
     status, body = d.get("/metrics")
@@ -161,7 +163,7 @@ async def test_unusable_summaries_are_skipped_and_counted_not_silent(setup):
     text = body.decode()
     summaries = setup.topics.summaries
     assert (
-        f'armguard_records_skipped_total{{reason="invalid_summary",topic="{summaries}"}} 3.0'
+        f'armguard_records_skipped_total{{reason="invalid_summary",topic="{summaries}"}} 4.0'
         in text
     )
     assert (
@@ -169,7 +171,7 @@ async def test_unusable_summaries_are_skipped_and_counted_not_silent(setup):
         in text
     )
     assert d.stop() == 0
-    assert "3 invalid and 1 of unknown experiments skipped" in d.log.read_text()
+    assert "4 invalid and 1 of unknown experiments skipped" in d.log.read_text()
 
 
 async def test_operator_commands_resume_override_and_forgery(setup):

@@ -1218,3 +1218,25 @@ def test_perturbed_snapshots_with_drift_change_and_anomaly_detectors_never_stop_
         results = e.apply_summaries([(r, "s", 0, 40 + i) for i, r in enumerate(recs[40:])])
         assert len(results) == 10 and e.counters["summaries"] == 10, seed
         e.snapshots()
+
+
+def test_a_record_whose_key_is_not_its_experiment_is_invalid(config):
+    # The evaluate stage passes the records' Kafka keys: a configured experiment's record under
+    # another key (a foreign producer) would make the experiment live on two owners.
+    recs = stream(4, n_batches=4)
+    keyed = engine_for(config)
+    keyed.apply_summaries(
+        [(v, "armguard.summaries", 0, i) for i, v in enumerate(recs)],
+        keys=[b"ranker", b"other", b"", b"ranker"],
+    )
+    assert keyed.counters["summaries"] == 2 and keyed.counters["summaries_invalid"] == 2
+    assert keyed.states["ranker"].summary_offsets == {"armguard.summaries:0": [0, 3]}
+    # Unknown experiments stay unknown whatever their key; without keys nothing is checked.
+    other = summary_record(
+        "other", {"control": {"error": [0.0]}}, t0=0, t1=1, offset_first=0, offset_last=0
+    )
+    keyed.apply_summaries([(other, "armguard.summaries", 0, 9)], keys=[b"ranker"])
+    assert keyed.counters["summaries_unknown_experiment"] == 1
+    unkeyed = engine_for(config)
+    unkeyed.apply_summaries([(v, "armguard.summaries", 0, i) for i, v in enumerate(recs)])
+    assert unkeyed.counters["summaries"] == 4
