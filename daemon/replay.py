@@ -140,12 +140,15 @@ class Replayer:
         yield from self.summary_run(run)
         yield from self.engine.snapshots()
 
-    def summary_run(self, records: list[tuple[bytes, int, int]]) -> Iterator[Output]:
+    def summary_run(
+        self, records: list[tuple[bytes, int, int]], keys: list[bytes] | None = None
+    ) -> Iterator[Output]:
         """Apply a run of ``(value, partition, offset)`` summary records (no command between
-        them) as the evaluate stage would: drift updates batched, decisions as one by one."""
+        them) as the evaluate stage would: drift updates batched, decisions as one by one.
+        ``keys``, the records' Kafka keys when read from the topic, are checked as live."""
         self.summaries += len(records)
         runs = self.engine.apply_summaries(
-            [(value, self.summaries_topic, p, off) for value, p, off in records]
+            [(value, self.summaries_topic, p, off) for value, p, off in records], keys=keys
         )
         for outs in runs:
             yield from outs
@@ -319,8 +322,10 @@ async def _from_kafka(
                 # Runs of summaries between commands are applied at once, as live.
                 for is_summary, group in itertools.groupby(items, key=lambda it: it[1] == topic):
                     if is_summary:
-                        run = [(r.value or b"", p, off) for _ts, _t, off, r in group]
-                        events += _emit(rep.summary_run(run), args.decisions, out)
+                        members = list(group)
+                        run = [(r.value or b"", p, off) for _ts, _t, off, r in members]
+                        keys = [r.key or b"" for *_, r in members]
+                        events += _emit(rep.summary_run(run, keys), args.decisions, out)
                         continue
                     for _ts, t, off, r in group:
                         outs = rep.engine.apply_command(
