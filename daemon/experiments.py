@@ -68,6 +68,13 @@ class MetricContract(_Model):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number")
+            if v is not None and abs(v) > 1e100:
+                # Summaries hold sums of squared deviations: values beyond ~1e154 overflow them,
+                # and a summary with an infinite m2 is refused whole by the evaluate stage.
+                raise ValueError(
+                    f"{name} must be within [-1e100, 1e100] (the default range), got {v:g}: "
+                    "rescale the metric (e.g. another unit)"
+                )
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         return self

@@ -108,6 +108,12 @@ MISTAKES = [
         f"experiments:\n  - {{id: a, {OK_ARMS}, guardrails: [{{metric: x, test: mean, mode: reference}}]}}",
         "x.yaml: experiment 'a': guardrails[0].mode: only drift guardrails have a mode (control or reference)",
     ),
+    (
+        "metric range beyond what the summaries hold",
+        f"experiments:\n  - {{id: a, {OK_ARMS}, metrics: {{spend: {{min: -1e120}}}}}}",
+        "x.yaml: experiment 'a': metrics.spend: min must be within [-1e100, 1e100] (the default "
+        "range), got -1e+120: rescale the metric (e.g. another unit)",
+    ),
 ]
 
 
