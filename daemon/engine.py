@@ -115,6 +115,16 @@ def _offset_ranges(ranges: Any) -> dict[str, list[int]]:
     return out
 
 
+def _check_proportions(data: ArmData, binary: set[tuple[str, str]]) -> None:
+    """ValueError if a proportion guardrail's summary in ``data`` has a sum outside
+    [0, count]: ProportionDifferenceTest raised on it at that and every later record (ingest
+    holds such metrics to [0, 1], but a record or snapshot may come from elsewhere)."""
+    for source, name in binary:
+        b = data.get(source, name)
+        if b is not None and not 0.0 <= b.sum <= b.count:
+            raise ValueError(f"{name}: a proportion's sum is not in [0, count]")
+
+
 def _next_tick(v: Any) -> float | None:
     if v is None:
         return None
@@ -255,10 +265,7 @@ class ExperimentState:
         s.arms = {a: ArmData.from_state(d) for a, d in internal["arms"].items()}
         s.interval = {a: ArmData.from_state(d) for a, d in internal["interval"].items()}
         for data in (*s.arms.values(), *s.interval.values()):
-            for source, name in s.binary:  # as the records' check: the proportion test raised
-                b = data.get(source, name)
-                if b is not None and not 0.0 <= b.sum <= b.count:
-                    raise ValueError(f"{name}: a proportion's sum is not in [0, count]")
+            _check_proportions(data, s.binary)  # as the records' check
         s.next_tick = _next_tick(internal["next_tick"])
         for key, rst in internal["runners"].items():
             # A guardrail removed from the config is dropped; a new one starts fresh and
@@ -331,7 +338,7 @@ class ExperimentState:
             ):
                 try:
                     part()
-                except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError):
+                except _MALFORMED:
                     continue
                 kept.append(name)
         return s, tuple(kept)
@@ -475,14 +482,16 @@ class Engine:
             self.dirty.discard(e)
         self.take_unreadable(experiments)  # the partition's new owner meets them again
 
+    def snapshot_of(self, experiment: str) -> Output | None:
+        """The state record of one experiment (None if it has no state here)."""
+        st = self.states.get(experiment)
+        if st is None:
+            return None
+        return Output("state", experiment.encode(), orjson.dumps(st.snapshot(self.version)))
+
     def snapshots(self) -> list[Output]:
         """State snapshots of every experiment changed since the last call."""
-        out = []
-        for e in sorted(self.dirty):
-            st = self.states.get(e)
-            if st is not None:
-                value = orjson.dumps(st.snapshot(self.version))
-                out.append(Output("state", e.encode(), value))
+        out = [o for e in sorted(self.dirty) if (o := self.snapshot_of(e)) is not None]
         self.dirty.clear()
         return out
 
@@ -607,11 +616,12 @@ class Engine:
                 isinstance(experiment, str) and isinstance(span, dict) and isinstance(offsets, list)
             ):
                 raise TypeError("bad shape")
-            max_ts = span.get("max_ts")
             # An event time no event can carry (not a number, NaN, before year 1 or past year
             # 9999: the next event's RFC 3339 time raised out of here, and a snapshot holding
             # it is unreadable) is left out; the record's summaries are still applied.
-            if type(max_ts) not in (int, float) or not _MIN_TS <= max_ts < _MAX_TS:
+            try:
+                max_ts = _event_time(span.get("max_ts"))
+            except ValueError:
                 max_ts = None
             st = self.state_for(experiment)
             incoming: dict[str, ArmData] = {}
@@ -626,13 +636,7 @@ class Engine:
                     if arm in st.exp.arms:
                         incoming[arm] = parsed = ArmData()
                         parsed.merge_state(data)
-                        # A proportion's summary outside [0, count] (ingest takes any value in
-                        # a metric's range, |x| <= 1e100 if none is configured) raised out of
-                        # ProportionDifferenceTest at this or every later record.
-                        for source, name in st.binary:
-                            b = parsed.get(source, name)
-                            if b is not None and not 0.0 <= b.sum <= b.count:
-                                raise ValueError(f"{name}: a proportion's sum is not in [0, count]")
+                        _check_proportions(parsed, st.binary)
                         # A summary that cannot merge into the data so far is refused here: a
                         # ValueError while merging below stopped the stage at every restart.
                         for held in (st.arms.get(arm), st.interval.get(arm)):
@@ -660,7 +664,7 @@ class Engine:
             if isinstance(source, str) and 0 <= part < 1 << 31 and 0 <= first <= last < 1 << 63:
                 _ranges_add(st.telemetry_offsets, f"{source}:{part}", first, last)
         if max_ts is not None:
-            st.last_ts = max(st.last_ts or max_ts, float(max_ts))
+            st.last_ts = max(st.last_ts or max_ts, max_ts)
         self.dirty.add(experiment)
         # The decoded record is merged: drop it before a drift wave keeps this frame waiting.
         rec = arms = incoming = data = parsed = None

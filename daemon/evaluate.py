@@ -22,7 +22,6 @@ from collections.abc import Awaitable
 from types import SimpleNamespace
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -452,11 +451,10 @@ class EvaluateStage:
             outputs = self._deadletters(p)
             for o in list(outputs):
                 experiment = o.key.decode()
-                st = self.engine.states.get(experiment)
                 self.engine.dirty.discard(experiment)
-                if st is not None:
-                    snap = orjson.dumps(st.snapshot(self.engine.version))
-                    outputs.append(Output("state", o.key, snap))
+                snap = self.engine.snapshot_of(experiment)
+                if snap is not None:
+                    outputs.append(snap)
             await self._or_recover(p, self._commit(p, outputs, {}))
 
     async def _commit(

@@ -164,6 +164,11 @@ class _Store:
         return store, int(values.sum())
 
 
+def _key_limit(log_gamma: float) -> int:
+    """The largest bucket key, in magnitude, of a finite double at this ``ln(gamma)``."""
+    return math.ceil(710.0 / log_gamma) + 1
+
+
 def _state_counts(values: Any, max_bins: int, *, keys: bool = False) -> np.ndarray:
     """A state's list of bucket counts (or, ``keys``, sparse keys) as int64, checked: at most
     ``max_bins`` numbers numpy converts to int64 (as before these checks, a float is
@@ -454,7 +459,7 @@ class LogHistogram:
         if type(max_bins) is int and max_bins > _MAX_STATE_BINS:
             raise ValueError(f"max_bins of a state must be at most {_MAX_STATE_BINS}")
         h = cls(relative_accuracy=state["ra"], max_bins=max_bins)
-        key_limit = math.ceil(710.0 / h._log_gamma) + 1
+        key_limit = _key_limit(h._log_gamma)
         h._pos, n_pos = _Store.from_state(state["p"], max_bins, key_limit)
         h._neg, n_neg = _Store.from_state(state["n"], max_bins, key_limit)
         zero = state["z"]

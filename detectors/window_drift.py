@@ -20,7 +20,7 @@ from .histogram_distance import (
     as_bins,
     merge_bins,
 )
-from .summary import LogHistogram, Summary
+from .summary import LogHistogram, Summary, _key_limit
 
 # What one keyed step left to do (_step_keys).
 _WIDE, _HELD, _READY = 0, 1, 2
@@ -856,7 +856,7 @@ class WindowDrift(_HistogramDrift):
         if relative_accuracy is not None:
             det._start_keys(float(relative_accuracy))
             assert det._keys is not None
-            limit = math.ceil(710.0 / det._keys.log_gamma) + 1  # as LogHistogram.from_state
+            limit = _key_limit(det._keys.log_gamma)  # as LogHistogram.from_state
             det._window = [_unpack_stores(b, limit) for b in state["window"]]
             reference = _unpack_stores(state["reference"], limit) if det._n_reference else None
             det._keys = _Keys.build(det._keys.log_gamma, reference, det._window)
