@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_evaluate import Setup
-from tests.support.daemon import free_port
 from tests.support.summaries import regression_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,11 +35,27 @@ def kafka_local(command: str, port: int, run_dir: Path) -> None:
     assert done.returncode == 0, f"kafka-local {command} failed:\n{done.stdout}\n{done.stderr}"
 
 
+def _free_pair() -> int:
+    """A client port whose successor (the controller's) is free too, below the kernel's
+    ephemeral range: a port handed out by bind(0) and released is free for any outgoing
+    connection to take again before the broker binds it (a CI run failed so, 'Address
+    already in use'), and the controller's port + 1 was never checked."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no two free adjacent ports in 20000-32000")
+
+
 @pytest.fixture
 def own_broker(tmp_path):
-    port = free_port()
-    while free_port() == port + 1:  # the controller takes port + 1
-        port = free_port()
+    port = _free_pair()
     run_dir = tmp_path / "broker"
     kafka_local("start", port, run_dir)
     try:
@@ -76,9 +93,7 @@ async def test_daemon_reconnects_and_catches_up_after_a_broker_restart(
 
 
 async def test_daemon_started_before_the_broker_waits_for_it(tmp_path, unique):
-    port = free_port()
-    while free_port() == port + 1:
-        port = free_port()
+    port = _free_pair()
     run_dir = tmp_path / "broker"
     s = Setup(f"127.0.0.1:{port}", tmp_path / "run", unique)
     d = s.daemon().start()
